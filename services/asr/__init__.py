@@ -1,0 +1,1 @@
+"""Recognition of whole utterances with dynamic batching."""

@@ -1,0 +1,1 @@
+"""What every service shares: configuration, audio helpers, batching, gRPC and metrics plumbing."""

@@ -1,0 +1,210 @@
+"""Dynamic batching of independent requests onto one inference thread.
+
+Callers submit one request each and await its result. One consumer task takes
+the oldest waiting request, gathers more of the same group (requests that can
+share a model call) until the batch is full in count or audio seconds or the
+collection window closes, drops what expired while waiting, and runs the batch
+on the inference thread. The queue is bounded: a full queue refuses at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from services.common import metrics
+from services.common.inference import InferenceThread
+
+RequestT = TypeVar("RequestT")
+ResultT = TypeVar("ResultT")
+
+
+class QueueFullError(Exception):
+    """The batcher's queue is at its bound; the caller should back off or go elsewhere."""
+
+
+class DeadlineExpiredError(Exception):
+    """The request's deadline passed before the model could run it."""
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch: int = 16
+    max_audio_seconds: float = 120.0
+    max_wait_ms: float = 10.0
+    max_queue: int = 256
+
+
+@dataclass
+class Batched(Generic[ResultT]):
+    """A result with how it was produced, for timing fields and metrics."""
+
+    value: ResultT
+    queue_ms: float
+    model_ms: float
+    batch_size: int
+
+
+@dataclass
+class _Waiting(Generic[RequestT, ResultT]):
+    request: RequestT
+    group: Hashable
+    audio_seconds: float
+    deadline: float | None
+    future: asyncio.Future[Batched[ResultT]]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class DynamicBatcher(Generic[RequestT, ResultT]):
+    def __init__(
+        self,
+        service: str,
+        run_batch: Callable[[Sequence[RequestT]], Sequence[ResultT]],
+        inference: InferenceThread,
+        limits: BatchLimits,
+        audio_seconds: Callable[[RequestT], float],
+        group: Callable[[RequestT], Hashable] = lambda _: None,
+    ) -> None:
+        self._service = service
+        self._run_batch = run_batch
+        self._inference = inference
+        self._limits = limits
+        self._audio_seconds = audio_seconds
+        self._group = group
+        self._waiting: deque[_Waiting[RequestT, ResultT]] = deque()
+        self._arrived = asyncio.Event()
+        self._consumer: asyncio.Task[None] | None = None
+        self._in_flight = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def start(self) -> None:
+        if self._consumer is None:
+            self._consumer = asyncio.create_task(self._consume(), name=f"{self._service}-batcher")
+
+    async def stop(self, drain_timeout: float = 10.0) -> None:
+        """Let queued and running batches finish (bounded), then stop consuming."""
+        deadline = time.monotonic() + drain_timeout
+        while (self._waiting or self._in_flight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._consumer is not None:
+            self._consumer.cancel()
+            try:
+                await self._consumer
+            except asyncio.CancelledError:
+                pass
+            self._consumer = None
+        for item in self._waiting:
+            if not item.future.done():
+                item.future.set_exception(QueueFullError("server is shutting down"))
+        self._waiting.clear()
+
+    async def submit(self, request: RequestT, timeout: float | None = None) -> Batched[ResultT]:
+        if len(self._waiting) >= self._limits.max_queue:
+            metrics.REQUESTS.labels(self._service, "rejected").inc()
+            raise QueueFullError(f"{self._service} queue is full ({self._limits.max_queue})")
+        loop = asyncio.get_running_loop()
+        item: _Waiting[RequestT, ResultT] = _Waiting(
+            request=request,
+            group=self._group(request),
+            audio_seconds=self._audio_seconds(request),
+            deadline=None if timeout is None else time.monotonic() + timeout,
+            future=loop.create_future(),
+        )
+        self._waiting.append(item)
+        metrics.QUEUE_DEPTH.labels(self._service).set(len(self._waiting))
+        self._arrived.set()
+        return await item.future
+
+    async def _consume(self) -> None:
+        while True:
+            if not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
+            batch = await self._collect()
+            if batch:
+                await self._run(batch)
+
+    async def _collect(self) -> list[_Waiting[RequestT, ResultT]]:
+        """Take the oldest request's group, waiting up to max_wait_ms for it to fill."""
+        limits = self._limits
+        window_end = self._waiting[0].enqueued + limits.max_wait_ms / 1000
+        while self._fill_count(self._waiting[0].group) < limits.max_batch:
+            remaining = window_end - time.monotonic()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                break
+        group = self._waiting[0].group
+        batch: list[_Waiting[RequestT, ResultT]] = []
+        kept: deque[_Waiting[RequestT, ResultT]] = deque()
+        seconds = 0.0
+        now = time.monotonic()
+        while self._waiting:
+            item = self._waiting.popleft()
+            if item.future.cancelled():
+                continue
+            if item.deadline is not None and item.deadline <= now:
+                metrics.REQUESTS.labels(self._service, "expired").inc()
+                item.future.set_exception(DeadlineExpiredError("deadline passed while queued"))
+                continue
+            fits = (
+                item.group == group
+                and len(batch) < limits.max_batch
+                and (not batch or seconds + item.audio_seconds <= limits.max_audio_seconds)
+            )
+            if fits:
+                batch.append(item)
+                seconds += item.audio_seconds
+            else:
+                kept.append(item)
+        self._waiting = kept
+        metrics.QUEUE_DEPTH.labels(self._service).set(len(self._waiting))
+        return batch
+
+    def _fill_count(self, group: Hashable) -> int:
+        return sum(1 for item in self._waiting if item.group == group)
+
+    async def _run(self, batch: list[_Waiting[RequestT, ResultT]]) -> None:
+        # Similar lengths side by side keep padding low for engines that pad.
+        batch.sort(key=lambda item: item.audio_seconds)
+        started = time.monotonic()
+        self._in_flight += len(batch)
+        try:
+            results = await self._inference.run(self._run_batch, [i.request for i in batch])
+        except Exception as exc:
+            metrics.REQUESTS.labels(self._service, "error").inc(len(batch))
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        finally:
+            self._in_flight -= len(batch)
+        model_s = time.monotonic() - started
+        metrics.BATCH_SIZE.labels(self._service).observe(len(batch))
+        metrics.BATCH_AUDIO_SECONDS.labels(self._service).observe(
+            sum(i.audio_seconds for i in batch)
+        )
+        metrics.MODEL_SECONDS.labels(self._service).observe(model_s)
+        metrics.AUDIO_SECONDS.labels(self._service).inc(sum(i.audio_seconds for i in batch))
+        for item, result in zip(batch, results, strict=True):
+            queue_s = started - item.enqueued
+            metrics.QUEUE_WAIT_SECONDS.labels(self._service).observe(queue_s)
+            metrics.REQUESTS.labels(self._service, "ok").inc()
+            if not item.future.done():
+                item.future.set_result(
+                    Batched(result, queue_s * 1000, model_s * 1000, len(batch))
+                )

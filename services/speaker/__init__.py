@@ -1,0 +1,1 @@
+"""Speaker embeddings of whole utterances with dynamic batching."""

@@ -1,0 +1,1 @@
+"""Voice activity detection over many live streams, batched per tick."""
