@@ -10,6 +10,7 @@ on the inference thread. The queue is bounded: a full queue refuses at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -99,10 +100,8 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
             await asyncio.sleep(0.01)
         if self._consumer is not None:
             self._consumer.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._consumer
-            except asyncio.CancelledError:
-                pass
             self._consumer = None
         for item in self._waiting:
             if not item.future.done():
@@ -205,6 +204,4 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
             metrics.QUEUE_WAIT_SECONDS.labels(self._service).observe(queue_s)
             metrics.REQUESTS.labels(self._service, "ok").inc()
             if not item.future.done():
-                item.future.set_result(
-                    Batched(result, queue_s * 1000, model_s * 1000, len(batch))
-                )
+                item.future.set_result(Batched(result, queue_s * 1000, model_s * 1000, len(batch)))

@@ -1,0 +1,98 @@
+"""The ASR gRPC service: utterances from every caller share batched model calls."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+
+from services.asr.config import AsrSettings
+from services.asr.engine import AsrEngine, AsrRequest, Transcript
+from services.common.audio import SAMPLE_RATE
+from services.common.batched_rpc import decode_utterance, submit_or_abort
+from services.common.batching import BatchLimits, DynamicBatcher
+from services.common.config import load_settings
+from services.common.grpc_service import configure_logging, run_grpc_service, status_for
+from services.common.inference import InferenceThread
+from services.protos import asr_pb2, asr_pb2_grpc
+
+
+def build_engine(settings: AsrSettings) -> AsrEngine:
+    if settings.engine == "whisper":
+        from pathlib import Path
+
+        from services.asr.whisper import WhisperEngine
+
+        return WhisperEngine(Path(settings.whisper_model_dir), device=settings.device)
+    from services.asr.sensevoice import SenseVoiceEngine
+
+    return SenseVoiceEngine(settings.sensevoice_model, device=settings.device)
+
+
+class AsrServicer(asr_pb2_grpc.AsrServicer):
+    def __init__(
+        self, engine_name: str, batcher: DynamicBatcher[AsrRequest, Transcript], max_s: float
+    ) -> None:
+        self._engine_name = engine_name
+        self._batcher = batcher
+        self._max_s = max_s
+
+    async def Recognize(
+        self, request: asr_pb2.RecognizeRequest, context: grpc.aio.ServicerContext
+    ) -> asr_pb2.RecognizeResponse:
+        try:
+            audio = decode_utterance(request.pcm, request.sample_rate, self._max_s)
+        except ValueError as exc:
+            await context.abort(status_for(exc), str(exc))
+        job = AsrRequest(audio=audio, language=request.language or "auto", use_itn=request.use_itn)
+        done = await submit_or_abort(self._batcher, job, context)
+        result = done.value
+        return asr_pb2.RecognizeResponse(
+            text=result.text,
+            language=result.language,
+            emotion=result.emotion,
+            event=result.event,
+            raw_text=result.raw_text,
+            audio_seconds=audio.size / SAMPLE_RATE,
+            queue_ms=done.queue_ms,
+            model_ms=done.model_ms,
+            batch_size=done.batch_size,
+            engine=self._engine_name,
+        )
+
+
+def main() -> None:
+    settings = load_settings(AsrSettings)
+    configure_logging(settings.log_level)
+    inference = InferenceThread("asr")
+    engine = inference.call(build_engine, settings)
+    # Warm-up: the first call allocates buffers and compiles kernels.
+    inference.call(engine.transcribe, [AsrRequest(audio=np.zeros(SAMPLE_RATE, np.float32))])
+    batcher: DynamicBatcher[AsrRequest, Transcript] = DynamicBatcher(
+        "asr",
+        engine.transcribe,
+        inference,
+        BatchLimits(
+            max_batch=settings.max_batch,
+            max_audio_seconds=settings.max_batch_audio_s,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+        ),
+        audio_seconds=lambda r: r.audio.size / SAMPLE_RATE,
+        group=lambda r: (r.language, r.use_itn),
+    )
+    servicer = AsrServicer(engine.name, batcher, settings.max_utterance_s)
+
+    async def start() -> None:
+        batcher.start()
+
+    asyncio.run(
+        run_grpc_service(
+            "speechfront.asr.v1.Asr",
+            settings,
+            lambda server: asr_pb2_grpc.add_AsrServicer_to_server(servicer, server),
+            start,
+            lambda: batcher.stop(settings.shutdown_grace_s),
+        )
+    )

@@ -1,0 +1,42 @@
+"""The shape every batched unary RPC shares: validate, queue, answer or refuse."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import grpc
+import numpy as np
+
+from services.common.audio import SAMPLE_RATE, pcm16_to_float
+from services.common.batching import Batched, DeadlineExpiredError, DynamicBatcher, QueueFullError
+from services.common.grpc_service import status_for
+
+RequestT = TypeVar("RequestT")
+ResultT = TypeVar("ResultT")
+
+
+def decode_utterance(pcm: bytes, sample_rate: int, max_seconds: float) -> np.ndarray:
+    """Validate an utterance sent over gRPC and return float samples."""
+    if sample_rate not in (0, SAMPLE_RATE):
+        raise ValueError(f"sample_rate must be {SAMPLE_RATE} (got {sample_rate})")
+    audio = pcm16_to_float(pcm)
+    if audio.size == 0:
+        raise ValueError("empty audio")
+    if audio.size > max_seconds * SAMPLE_RATE:
+        raise ValueError(f"utterance of {audio.size / SAMPLE_RATE:.1f} s exceeds {max_seconds} s")
+    return audio
+
+
+async def submit_or_abort(
+    batcher: DynamicBatcher[RequestT, ResultT],
+    request: RequestT,
+    context: grpc.aio.ServicerContext,
+) -> Batched[ResultT]:
+    remaining = context.time_remaining()
+    try:
+        return await batcher.submit(request, timeout=remaining)
+    except (QueueFullError, DeadlineExpiredError) as exc:
+        await context.abort(status_for(exc), str(exc))
+    except Exception as exc:
+        await context.abort(status_for(exc), f"{type(exc).__name__}: {exc}")
+    raise AssertionError("context.abort always raises")

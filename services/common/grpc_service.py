@@ -1,0 +1,90 @@
+"""Running a grpc.aio service: health checking, metrics port, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from services.common.metrics import serve_metrics
+from services.common.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def run_grpc_service(
+    name: str,
+    settings: ServiceSettings,
+    register: Callable[[grpc.aio.Server], None],
+    start: Callable[[], Awaitable[None]],
+    stop: Callable[[], Awaitable[None]],
+) -> None:
+    """Serve until SIGTERM/SIGINT, then report NOT_SERVING and drain.
+
+    ``start`` runs before the port reports SERVING (models loaded and warm);
+    ``stop`` finishes in-flight work before the server goes away.
+    """
+    server = grpc.aio.server(options=server_options(settings))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    register(server)
+    bound = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if bound == 0:
+        raise SystemExit(f"{name}: cannot bind {settings.host}:{settings.port}")
+    if settings.metrics_port:
+        serve_metrics(settings.metrics_port)
+    await server.start()
+    await start()
+    for service in ("", name):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s serving on %s:%d (metrics :%d)", name, settings.host, bound, settings.metrics_port)
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+
+    log.info("%s stopping: draining in-flight work", name)
+    for service in ("", name):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await stop()
+    await server.stop(settings.shutdown_grace_s)
+    log.info("%s stopped", name)
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """Map the batcher's and validators' errors onto gRPC status codes."""
+    from services.common.batching import DeadlineExpiredError, QueueFullError
+
+    if isinstance(exc, QueueFullError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, DeadlineExpiredError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL

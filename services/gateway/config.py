@@ -1,0 +1,57 @@
+"""Gateway configuration (environment prefix ``SF_GATEWAY_``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SF_GATEWAY_")
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    gateway_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="Names this replica in Redis routes.",
+    )
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # gRPC targets: host:port, a comma-separated list, or dns:///headless-svc:port.
+    vad_target: str = "127.0.0.1:50051"
+    asr_target: str = "127.0.0.1:50052"
+    speaker_target: str = "127.0.0.1:50053"
+
+    # Device tokens accepted besides those in the Redis set sf:auth:tokens
+    # (comma-separated in the environment).
+    auth_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allow_anonymous: bool = Field(
+        False, description="Open mode for local use: accept devices without a valid token."
+    )
+    admin_token: str = Field("", description="Bearer token for the speaker enrolment API.")
+
+    hello_timeout_s: float = Field(10.0, gt=0)
+    session_ttl_s: int = Field(3600, ge=60)
+    max_sessions: int = Field(2000, ge=1)
+    max_utterance_s: float = Field(30.0, gt=0, le=120)
+    max_inflight_utterances: int = Field(4, ge=1, description="Per session, awaiting results.")
+    vad_silence_ms: int = Field(500, ge=100, le=5000, description="End-of-speech window.")
+    asr_language: str = "auto"
+    asr_use_itn: bool = True
+    asr_timeout_s: float = Field(10.0, gt=0)
+    speaker_timeout_s: float = Field(10.0, gt=0)
+    speaker_threshold: float = Field(0.75, ge=-1, le=1)
+    min_utterance_ms: int = Field(200, ge=0)
+    downlink_sample_rate: int = 24000
+    downlink_frame_ms: int = 60
+    log_level: str = "INFO"
+
+    @field_validator("auth_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value

@@ -1,0 +1,159 @@
+"""One device WebSocket from handshake to close."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from services.gateway import metrics
+from services.gateway.errors import (
+    INTERNAL_ERROR,
+    POLICY_VIOLATION,
+    TRY_AGAIN_LATER,
+    ConnectionRejected,
+)
+from services.gateway.framing import PayloadType, decode_frame, parse_protocol_version
+from services.gateway.messages import declared_frame_duration, hello_reply, parse_message
+from services.gateway.opus import OpusStreamDecoder
+from services.gateway.session import DeviceSession, GatewayContext, new_session_id
+from services.gateway.vad_client import VadBackpressure
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Handshake:
+    device_id: str
+    client_id: str
+    token: str
+    protocol_version: int
+
+
+def read_handshake(websocket: WebSocket) -> Handshake:
+    """Headers as firmware sends them, or query parameters for clients that cannot set headers."""
+    headers, query = websocket.headers, websocket.query_params
+
+    def pick(name: str) -> str:
+        return (headers.get(name) or query.get(name) or "").strip()
+
+    token = pick("authorization") or pick("token")
+    if token.lower().startswith("bearer "):
+        token = token[7:].strip()
+    return Handshake(
+        device_id=pick("device-id"),
+        client_id=pick("client-id"),
+        token=token,
+        protocol_version=parse_protocol_version(pick("protocol-version") or None),
+    )
+
+
+async def authorize(ctx: GatewayContext, handshake: Handshake) -> None:
+    if not handshake.device_id:
+        raise ConnectionRejected(POLICY_VIOLATION, "Device-Id header or device-id query required")
+    if ctx.settings.allow_anonymous:
+        return
+    if handshake.token and (
+        handshake.token in ctx.settings.auth_tokens
+        or await ctx.store.token_is_valid(handshake.token)
+    ):
+        return
+    raise ConnectionRejected(POLICY_VIOLATION, "unauthorized: missing or invalid token")
+
+
+async def serve_device(ctx: GatewayContext, websocket: WebSocket) -> None:
+    await websocket.accept()
+    session: DeviceSession | None = None
+    try:
+        handshake = read_handshake(websocket)
+        await authorize(ctx, handshake)
+        if len(ctx.hub.sessions) >= ctx.settings.max_sessions:
+            raise ConnectionRejected(TRY_AGAIN_LATER, "gateway at its session limit")
+        hello = await _await_hello(ctx, websocket, handshake.protocol_version)
+        decoder = OpusStreamDecoder(declared_frame_duration(hello))
+        session = DeviceSession(
+            ctx,
+            lambda message: websocket.send_text(json.dumps(message, ensure_ascii=False)),
+            session_id=new_session_id(),
+            device_id=handshake.device_id,
+            client_id=handshake.client_id,
+        )
+        ctx.hub.add(session)
+        metrics.CONNECTIONS.labels("accepted").inc()
+        settings = ctx.settings
+        await websocket.send_text(
+            json.dumps(
+                hello_reply(
+                    session.session_id, settings.downlink_sample_rate, settings.downlink_frame_ms
+                )
+            )
+        )
+        session.record_connected(handshake.client_id, handshake.protocol_version, hello)
+        await _receive_loop(websocket, session, decoder, handshake.protocol_version)
+    except ConnectionRejected as exc:
+        reason = exc.reason.split(":")[0].replace(" ", "_")[:40]
+        metrics.CLOSES.labels(reason if session else f"handshake_{reason}").inc()
+        log.info("closing connection: %s", exc.reason)
+        await _close(websocket, exc.code, exc.reason)
+    except VadBackpressure as exc:
+        metrics.CLOSES.labels("vad_backpressure").inc()
+        await _close(websocket, TRY_AGAIN_LATER, str(exc))
+    except WebSocketDisconnect:
+        pass
+    except Exception:
+        log.exception("connection failed")
+        await _close(websocket, INTERNAL_ERROR, "internal error")
+    finally:
+        if session is not None:
+            ctx.hub.remove(session)
+            await session.close()
+
+
+async def _await_hello(ctx: GatewayContext, websocket: WebSocket, version: int) -> dict[str, Any]:
+    try:
+        raw = await asyncio.wait_for(websocket.receive(), ctx.settings.hello_timeout_s)
+    except TimeoutError:
+        raise ConnectionRejected(POLICY_VIOLATION, "no hello within the timeout") from None
+    if raw["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(raw.get("code", 1000))
+    text = raw.get("text")
+    if text is None:
+        raise ConnectionRejected(POLICY_VIOLATION, "expected a hello message before audio")
+    message = parse_message(text)
+    if message["type"] != "hello":
+        raise ConnectionRejected(POLICY_VIOLATION, f"expected hello, got {message['type']!r}")
+    transport = message.get("transport", "websocket")
+    if transport != "websocket":
+        raise ConnectionRejected(POLICY_VIOLATION, f"unsupported transport {transport!r}")
+    return message
+
+
+async def _receive_loop(
+    websocket: WebSocket, session: DeviceSession, decoder: OpusStreamDecoder, version: int
+) -> None:
+    while True:
+        raw = await websocket.receive()
+        if raw["type"] == "websocket.disconnect":
+            return
+        data = raw.get("bytes")
+        if data is not None:
+            frame = decode_frame(version, data)
+            if frame.type is PayloadType.JSON:
+                await session.handle_message(
+                    parse_message(frame.payload.decode("utf-8", "replace"))
+                )
+            else:
+                session.handle_audio(decoder.decode(frame.payload))
+        elif raw.get("text") is not None:
+            await session.handle_message(parse_message(raw["text"]))
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    if websocket.client_state is WebSocketState.CONNECTED:
+        with contextlib.suppress(Exception):
+            await websocket.close(code=code, reason=reason)

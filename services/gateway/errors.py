@@ -1,0 +1,27 @@
+"""Errors that end one device connection, each with the WebSocket close code it maps to."""
+
+from __future__ import annotations
+
+# RFC 6455 close codes used by the gateway.
+POLICY_VIOLATION = 1008  # auth failed, protocol order broken
+UNSUPPORTED_DATA = 1003  # a message kind this endpoint does not take
+INVALID_PAYLOAD = 1007  # malformed JSON, framing or audio
+MESSAGE_TOO_BIG = 1009
+TRY_AGAIN_LATER = 1013  # overloaded; reconnect later
+GOING_AWAY = 1001
+INTERNAL_ERROR = 1011
+
+
+class ConnectionRejected(Exception):
+    """The connection must close with ``code``; ``reason`` goes to the device."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        # The close frame's reason is limited to 123 bytes.
+        self.reason = reason.encode()[:123].decode(errors="ignore")
+
+
+class BadFrame(ConnectionRejected):
+    def __init__(self, reason: str) -> None:
+        super().__init__(INVALID_PAYLOAD, reason)

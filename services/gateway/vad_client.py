@@ -1,0 +1,145 @@
+"""The gateway's side of the multiplexed VAD stream.
+
+All sessions of this gateway share one bidirectional gRPC stream to the VAD
+service. Sessions enqueue opens, frames and closes; one sender drains the
+queue into as few ``VadRequest`` messages as the backlog allows, and one
+receiver routes each event to the session that owns its stream id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from prometheus_client import Counter, Gauge
+
+from services.common.grpc_client import open_channel
+from services.protos import vad_pb2, vad_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+VAD_RECONNECTS = Counter(
+    "speechfront_gateway_vad_reconnects_total", "Times the VAD stream had to be re-established."
+)
+VAD_BACKLOG = Gauge("speechfront_gateway_vad_backlog", "VAD operations waiting to be sent.")
+
+EventHandler = Callable[[vad_pb2.SpeechEvent], None]
+_Op = vad_pb2.StreamOpen | vad_pb2.AudioFrame | vad_pb2.StreamClose
+
+# Operations merged into one VadRequest at most; bounds message size.
+_MAX_OPS_PER_MESSAGE = 512
+
+
+class VadBackpressure(Exception):
+    """The VAD stream cannot keep up; the caller sheds the session."""
+
+
+class VadStreamClient:
+    def __init__(
+        self,
+        target: str,
+        on_event: EventHandler,
+        on_reconnect: Callable[[], None],
+        max_backlog: int = 20_000,
+    ) -> None:
+        self._target = target
+        self._on_event = on_event
+        # Streams opened on a lost connection are gone; their owners re-open them.
+        self._on_reconnect = on_reconnect
+        self._queue: asyncio.Queue[_Op] = asyncio.Queue(maxsize=max_backlog)
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="vad-stream")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def open(self, stream_id: str, start_sample: int = 0, silence_ms: int = 0) -> None:
+        self._put(
+            vad_pb2.StreamOpen(
+                stream_id=stream_id, start_sample=start_sample, silence_ms=silence_ms
+            )
+        )
+
+    def send(self, stream_id: str, seq: int, pcm: bytes) -> None:
+        self._put(vad_pb2.AudioFrame(stream_id=stream_id, seq=seq, pcm=pcm))
+
+    def close(self, stream_id: str, flush: bool) -> None:
+        self._put(vad_pb2.StreamClose(stream_id=stream_id, flush=flush))
+
+    def _put(self, op: _Op) -> None:
+        try:
+            self._queue.put_nowait(op)
+        except asyncio.QueueFull:
+            raise VadBackpressure("VAD stream backlog is full") from None
+        VAD_BACKLOG.set(self._queue.qsize())
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        first = True
+        while True:
+            if not first:
+                self._drop_queued()
+                self._on_reconnect()
+            first = False
+            channel = open_channel(self._target)
+            try:
+                stub = vad_pb2_grpc.VadStub(channel)
+                call = stub.Stream(self._requests())
+                self.connected.set()
+                backoff = 0.1
+                async for response in call:
+                    for event in response.events:
+                        self._dispatch(event)
+                log.warning("VAD stream ended by the server; reconnecting")
+            except grpc.aio.AioRpcError as exc:
+                log.warning("VAD stream failed (%s); reconnecting", exc.code())
+            finally:
+                self.connected.clear()
+                await channel.close()
+            VAD_RECONNECTS.inc()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def _drop_queued(self) -> None:
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+    def _dispatch(self, event: vad_pb2.SpeechEvent) -> None:
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception("handling VAD event for %s failed", event.stream_id)
+
+    async def _requests(self) -> AsyncIterator[vad_pb2.VadRequest]:
+        while True:
+            ops = [await self._queue.get()]
+            while len(ops) < _MAX_OPS_PER_MESSAGE and not self._queue.empty():
+                ops.append(self._queue.get_nowait())
+            VAD_BACKLOG.set(self._queue.qsize())
+            yield _pack(ops)
+
+
+def _pack(ops: list[_Op]) -> vad_pb2.VadRequest:
+    """Merge queued operations into one request.
+
+    The server applies a message's opens, then frames, then closes. Stream
+    ids are never reused, so for every stream that is the order it was queued in.
+    """
+    request = vad_pb2.VadRequest()
+    for op in ops:
+        if isinstance(op, vad_pb2.StreamOpen):
+            request.opens.append(op)
+        elif isinstance(op, vad_pb2.AudioFrame):
+            request.frames.append(op)
+        else:
+            request.closes.append(op)
+    return request

@@ -1,0 +1,1 @@
+"""A device simulator: speaks the xiaozhi protocol with real Opus at real-time pace."""

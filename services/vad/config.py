@@ -1,0 +1,31 @@
+"""VAD service configuration (environment prefix ``SF_VAD_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.config import DEFAULT_MODELS_DIR
+from services.common.settings import ServiceSettings
+
+
+class VadSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="SF_VAD_")
+
+    port: int = Field(50051, ge=1, le=65535)
+    metrics_port: int = Field(9101, ge=0, le=65535)
+    engine: Literal["fsmn", "silero"] = "fsmn"
+    fsmn_model_dir: Path = DEFAULT_MODELS_DIR / "fsmn-vad"
+    silero_model: Path = DEFAULT_MODELS_DIR / "silero-vad" / "silero_vad.onnx"
+    device: str = "cpu"
+    silence_ms: int = Field(
+        500, ge=100, le=5000, description="Default end-of-speech silence (audio time)."
+    )
+    tick_ms: int = Field(60, ge=10, le=1000, description="How often all streams advance together.")
+    max_streams: int = Field(4000, ge=1, description="Live streams per replica before refusing.")
+    max_backlog_s: float = Field(
+        10.0, gt=0, description="Unprocessed audio per stream before it is failed."
+    )

@@ -1,0 +1,107 @@
+"""The VAD gRPC service: one multiplexed bidirectional stream per gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from services.common.config import load_settings
+from services.common.grpc_service import configure_logging, run_grpc_service
+from services.common.inference import InferenceThread
+from services.protos import vad_pb2, vad_pb2_grpc
+from services.vad.config import VadSettings
+from services.vad.engine import VadEngine
+from services.vad.streams import Outbox, StreamTable
+
+log = logging.getLogger(__name__)
+
+# Events waiting to go back to one gateway; a gateway that stops reading
+# loses its connection rather than growing this without end.
+OUTBOX_LIMIT = 100_000
+
+
+def build_engine(settings: VadSettings) -> VadEngine:
+    if settings.engine == "silero":
+        from services.vad.silero import SileroVadEngine
+
+        return SileroVadEngine(settings.silero_model)
+    from services.vad.fsmn import FsmnVadEngine
+
+    return FsmnVadEngine(settings.fsmn_model_dir, device=settings.device)
+
+
+class VadServicer(vad_pb2_grpc.VadServicer):
+    def __init__(self, table: StreamTable) -> None:
+        self._table = table
+        self._connections = itertools.count(1)
+
+    async def Stream(
+        self,
+        request_iterator: AsyncIterator[vad_pb2.VadRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[vad_pb2.VadResponse]:
+        conn = next(self._connections)
+        outbox: Outbox = asyncio.Queue(maxsize=OUTBOX_LIMIT)
+        reader = asyncio.create_task(self._read(conn, outbox, request_iterator))
+        try:
+            while not (reader.done() and outbox.empty()):
+                getter = asyncio.ensure_future(outbox.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    continue
+                events = [getter.result()]
+                while not outbox.empty() and len(events) < 1024:
+                    events.append(outbox.get_nowait())
+                yield vad_pb2.VadResponse(events=events)
+            if reader.exception() is not None:
+                log.warning("VAD connection %d failed: %s", conn, reader.exception())
+        finally:
+            reader.cancel()
+            self._table.drop_connection(conn)
+
+    async def _read(
+        self, conn: int, outbox: Outbox, requests: AsyncIterator[vad_pb2.VadRequest]
+    ) -> None:
+        async for request in requests:
+            for opened in request.opens:
+                self._table.open(conn, outbox, opened)
+            for frame in request.frames:
+                self._table.feed(conn, frame)
+            for closed in request.closes:
+                self._table.close(conn, closed)
+
+
+def main() -> None:
+    settings = load_settings(VadSettings)
+    configure_logging(settings.log_level)
+    inference = InferenceThread("vad")
+    engine = inference.call(build_engine, settings)
+    table = StreamTable(
+        engine,
+        inference,
+        default_silence_ms=settings.silence_ms,
+        tick_ms=settings.tick_ms,
+        max_streams=settings.max_streams,
+        max_backlog_s=settings.max_backlog_s,
+    )
+
+    async def start() -> None:
+        table.start()
+
+    async def stop() -> None:
+        await table.stop()
+
+    asyncio.run(
+        run_grpc_service(
+            "speechfront.vad.v1.Vad",
+            settings,
+            lambda server: vad_pb2_grpc.add_VadServicer_to_server(VadServicer(table), server),
+            start,
+            stop,
+        )
+    )

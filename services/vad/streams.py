@@ -1,0 +1,224 @@
+"""Live VAD streams of one replica and the tick loop that advances them together.
+
+Every gRPC connection (one per gateway) owns the streams it opened; a stream
+is keyed by (connection, stream id), so no connection can touch another's
+detector. Each tick, every stream with new audio (or a pending flush) goes
+into one engine step on the inference thread, and the resulting events are
+routed back to the owning connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client import Counter, Gauge
+
+from services.common import metrics
+from services.common.audio import SAMPLE_RATE, pcm16_to_float, samples_to_ms
+from services.common.inference import InferenceThread
+from services.protos import vad_pb2
+from services.vad.engine import VadEngine
+
+log = logging.getLogger(__name__)
+
+STREAMS = Gauge("speechfront_vad_streams", "Live VAD streams on this replica.")
+FRAMES = Counter("speechfront_vad_frames_total", "Audio frames received.")
+EVENTS = Counter("speechfront_vad_events_total", "Speech events emitted, by kind.", ["kind"])
+STREAM_ERRORS = Counter(
+    "speechfront_vad_stream_errors_total", "Streams failed or refused, by reason.", ["reason"]
+)
+TICK_LAG = Gauge(
+    "speechfront_vad_tick_lag_seconds", "How late the last tick started against its schedule."
+)
+
+Outbox = asyncio.Queue[vad_pb2.SpeechEvent]
+
+
+@dataclass
+class _Stream:
+    key: tuple[int, str]
+    outbox: Outbox
+    origin_ms: int
+    pending: list[np.ndarray] = field(default_factory=list)
+    pending_samples: int = 0
+    last_seq: int = -1
+    flush: bool = False
+
+
+class StreamTable:
+    def __init__(
+        self,
+        engine: VadEngine,
+        inference: InferenceThread,
+        *,
+        default_silence_ms: int,
+        tick_ms: int,
+        max_streams: int,
+        max_backlog_s: float,
+    ) -> None:
+        self._engine = engine
+        self._inference = inference
+        self._default_silence_ms = default_silence_ms
+        self._tick_s = tick_ms / 1000
+        self._max_streams = max_streams
+        self._max_backlog = int(max_backlog_s * SAMPLE_RATE)
+        self._streams: dict[tuple[int, str], _Stream] = {}
+        self._closing: set[tuple[int, str]] = set()
+        self._ticker: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def engine_id(key: tuple[int, str]) -> str:
+        return f"{key[0]}/{key[1]}"
+
+    def open(self, conn: int, outbox: Outbox, request: vad_pb2.StreamOpen) -> None:
+        key = (conn, request.stream_id)
+        if key not in self._streams and len(self._streams) >= self._max_streams:
+            self._fail(
+                outbox, request.stream_id, "max_streams", "VAD replica is at its stream limit"
+            )
+            return
+        self._streams.pop(key, None)
+        self._engine.open(self.engine_id(key), request.silence_ms or self._default_silence_ms)
+        origin_ms = samples_to_ms(request.start_sample)
+        self._streams[key] = _Stream(key=key, outbox=outbox, origin_ms=origin_ms)
+        STREAMS.set(len(self._streams))
+
+    def feed(self, conn: int, frame: vad_pb2.AudioFrame) -> None:
+        stream = self._streams.get((conn, frame.stream_id))
+        if stream is None or stream.flush:
+            return  # closed or refused earlier; the owner has been told
+        FRAMES.inc()
+        if frame.seq <= stream.last_seq:
+            self._drop(stream, "bad_seq", f"frame seq {frame.seq} after {stream.last_seq}")
+            return
+        try:
+            samples = pcm16_to_float(frame.pcm)
+        except ValueError as exc:
+            self._drop(stream, "bad_pcm", str(exc))
+            return
+        stream.last_seq = frame.seq
+        stream.pending.append(samples)
+        stream.pending_samples += samples.size
+        if stream.pending_samples > self._max_backlog:
+            self._drop(stream, "backlog", "stream fell too far behind")
+
+    def close(self, conn: int, request: vad_pb2.StreamClose) -> None:
+        stream = self._streams.get((conn, request.stream_id))
+        if stream is None:
+            return
+        if request.flush:
+            stream.flush = True
+        else:
+            self._forget(stream.key)
+
+    def drop_connection(self, conn: int) -> None:
+        for key in [k for k in self._streams if k[0] == conn]:
+            self._forget(key)
+
+    def start(self) -> None:
+        self._ticker = asyncio.create_task(self._tick_forever(), name="vad-ticker")
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+
+    async def _tick_forever(self) -> None:
+        next_tick = time.monotonic()
+        while True:
+            now = time.monotonic()
+            TICK_LAG.set(max(0.0, now - next_tick))
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("VAD tick failed")
+            next_tick = max(next_tick + self._tick_s, time.monotonic())
+            await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+
+    async def tick(self) -> None:
+        chunks: dict[str, np.ndarray] = {}
+        final: list[str] = []
+        stepped: dict[str, _Stream] = {}
+        for stream in self._streams.values():
+            if not stream.pending and not stream.flush:
+                continue
+            engine_id = self.engine_id(stream.key)
+            if stream.pending:
+                chunks[engine_id] = (
+                    stream.pending[0]
+                    if len(stream.pending) == 1
+                    else np.concatenate(stream.pending)
+                )
+                stream.pending.clear()
+                stream.pending_samples = 0
+            if stream.flush:
+                final.append(engine_id)
+            stepped[engine_id] = stream
+        if not stepped:
+            return
+        started = time.monotonic()
+        events = await self._inference.run(self._engine.step, chunks, final)
+        metrics.MODEL_SECONDS.labels("vad").observe(time.monotonic() - started)
+        metrics.BATCH_SIZE.labels("vad").observe(len(stepped))
+        metrics.AUDIO_SECONDS.labels("vad").inc(sum(c.size for c in chunks.values()) / SAMPLE_RATE)
+        for event in events:
+            owner = stepped.get(event.stream_id)
+            if owner is None:
+                continue
+            kind = (
+                vad_pb2.SpeechEvent.SPEECH_START
+                if event.kind == "start"
+                else vad_pb2.SpeechEvent.SPEECH_END
+            )
+            EVENTS.labels(event.kind).inc()
+            self._send(
+                owner.outbox,
+                vad_pb2.SpeechEvent(
+                    stream_id=owner.key[1],
+                    kind=kind,
+                    offset_ms=owner.origin_ms + event.offset_ms,
+                    seq=max(owner.last_seq, 0),
+                ),
+            )
+        for engine_id in final:
+            closed = stepped[engine_id]
+            self._send(
+                closed.outbox,
+                vad_pb2.SpeechEvent(
+                    stream_id=closed.key[1], kind=vad_pb2.SpeechEvent.STREAM_CLOSED
+                ),
+            )
+            self._forget(closed.key)
+
+    def _drop(self, stream: _Stream, reason: str, detail: str) -> None:
+        self._fail(stream.outbox, stream.key[1], reason, detail)
+        self._forget(stream.key)
+
+    def _fail(self, outbox: Outbox, stream_id: str, reason: str, detail: str) -> None:
+        STREAM_ERRORS.labels(reason).inc()
+        self._send(
+            outbox,
+            vad_pb2.SpeechEvent(
+                stream_id=stream_id, kind=vad_pb2.SpeechEvent.STREAM_ERROR, detail=detail
+            ),
+        )
+
+    @staticmethod
+    def _send(outbox: Outbox, event: vad_pb2.SpeechEvent) -> None:
+        try:
+            outbox.put_nowait(event)
+        except asyncio.QueueFull:
+            # The owning gateway stopped reading; its events are lost to it
+            # either way, and the other connections must not stall.
+            STREAM_ERRORS.labels("outbox_full").inc()
+
+    def _forget(self, key: tuple[int, str]) -> None:
+        if self._streams.pop(key, None) is not None:
+            self._engine.close(self.engine_id(key))
+        STREAMS.set(len(self._streams))

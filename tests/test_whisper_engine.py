@@ -1,0 +1,106 @@
+"""Whisper tiny.en engine on real weights: accuracy on espeak-ng speech, one generate per batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from support.wer import word_error_rate
+
+from services.asr.engine import AsrRequest
+from services.asr.whisper import WhisperEngine
+from services.simulator.speech import silence, synthesize
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "whisper-tiny.en"
+SENTENCES = (
+    "the quick brown fox jumps over the lazy dog",
+    "please turn on the lights in the living room",
+    "what is the weather going to be like tomorrow morning",
+    "remind me to call my mother this evening",
+    "play some music in the kitchen",
+)
+
+pytestmark = pytest.mark.skipif(not MODEL_DIR.exists(), reason="whisper-tiny.en not unpacked")
+
+
+class CountingGenerate:
+    """Passes everything through to the CTranslate2 model, counting ``generate`` calls."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls = 0
+        self.batch_sizes: list[int] = []
+
+    def generate(self, features: Any, prompts: list[list[int]], **kwargs: Any) -> Any:
+        self.calls += 1
+        self.batch_sizes.append(len(prompts))
+        return self.inner.generate(features, prompts, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.fixture(scope="module")
+def engine() -> WhisperEngine:
+    return WhisperEngine(MODEL_DIR, device="cpu")
+
+
+@pytest.fixture
+def counter(engine: WhisperEngine) -> Iterator[CountingGenerate]:
+    original = engine.model.model
+    wrapper = CountingGenerate(original)
+    engine.model.model = wrapper
+    yield wrapper
+    engine.model.model = original
+
+
+def test_espeak_sentences_are_transcribed_with_wer_at_most_10_percent(
+    engine: WhisperEngine,
+) -> None:
+    hypotheses = [engine.transcribe([AsrRequest(synthesize(s, "en"))])[0].text for s in SENTENCES]
+    wer = word_error_rate(SENTENCES, hypotheses)
+    print(f"WER {wer:.3f}: {hypotheses}")
+    assert wer <= 0.10
+
+
+def test_batch_of_three_gives_three_texts_in_order_from_one_generate_call(
+    engine: WhisperEngine, counter: CountingGenerate
+) -> None:
+    texts = SENTENCES[1:4]
+    batch = [
+        AsrRequest(synthesize(t, v))
+        for t, v in zip(texts, ("en", "en+f3", "en-us+f5"), strict=True)
+    ]
+    out = engine.transcribe(batch)
+    assert counter.calls == 1
+    assert counter.batch_sizes == [3]
+    assert len(out) == 3
+    for text, transcript in zip(texts, out, strict=True):
+        assert word_error_rate([text], [transcript.text]) <= 0.10, transcript.text
+        assert transcript.language == "en"
+        assert transcript.raw_text.strip() == transcript.text
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.05, 1.0])
+def test_empty_or_silent_audio_gives_short_text_without_error(
+    engine: WhisperEngine, seconds: float
+) -> None:
+    (out,) = engine.transcribe([AsrRequest(silence(seconds))])
+    assert len(out.text) <= 5
+
+
+def test_utterance_over_30_s_is_split_and_decoded_in_the_same_generate_call(
+    engine: WhisperEngine, counter: CountingGenerate
+) -> None:
+    parts = SENTENCES[1:] * 3
+    audio = np.concatenate([synthesize(s, "en") for s in parts])
+    assert audio.size > 30 * 16_000
+    short = AsrRequest(synthesize(SENTENCES[4], "en"))
+    long_out, short_out = engine.transcribe([AsrRequest(audio), short])
+    assert counter.calls == 1
+    assert counter.batch_sizes == [3]
+    assert word_error_rate([" ".join(parts)], [long_out.text]) <= 0.10, long_out.text
+    assert word_error_rate([SENTENCES[4]], [short_out.text]) <= 0.10
