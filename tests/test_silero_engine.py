@@ -147,3 +147,15 @@ def test_batched_streams_give_the_same_events_as_each_stream_alone(
         assert by_stream(batched, stream_id) == by_stream(alone, stream_id)
         assert by_stream(alone, stream_id)
         engine.close(stream_id)
+
+
+def test_speech_shorter_than_min_speech_ms_gives_no_events(
+    engine: SileroVadEngine, sid: str, fox: np.ndarray
+) -> None:
+    # A 100 ms slice of a word: the model does fire on it (seen with min_speech_ms=0),
+    # but it is under the 150 ms minimum so no event may come out.
+    blip = np.concatenate([silence(0.5), fox[4000:5600], silence(1.0)])
+    no_minimum = SileroVadEngine(MODEL, min_speech_ms=0)
+    no_minimum.open("blip", SILENCE_MS)
+    assert [e.kind for e in no_minimum.step({"blip": blip}, ["blip"])] == ["start", "end"]
+    assert engine.step({sid: blip}, [sid]) == []

@@ -1,0 +1,147 @@
+"""``speechfront``: start any service, the whole local cluster, or a simulated device."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import sys
+import time
+from pathlib import Path
+
+SERVICES = ("gateway", "vad", "asr", "speaker")
+
+
+def _run_service(name: str) -> None:
+    if name == "gateway":
+        from services.gateway.app import main
+    elif name == "vad":
+        from services.vad.server import main
+    elif name == "asr":
+        from services.asr.server import main
+    else:
+        from services.speaker.server import main
+    main()
+
+
+def _run_cluster(args: argparse.Namespace) -> None:
+    from services.cluster import ClusterPorts, LocalCluster
+
+    token = args.token or secrets.token_urlsafe(12)
+    admin = args.admin_token or secrets.token_urlsafe(12)
+    extra = {
+        "SF_GATEWAY_AUTH_TOKENS": token,
+        "SF_GATEWAY_ADMIN_TOKEN": admin,
+        "SF_GATEWAY_ALLOW_ANONYMOUS": "true" if args.open else "false",
+        # Threshold measured for the lite d-vector model on espeak voices.
+        "SF_GATEWAY_SPEAKER_THRESHOLD": "0.86",
+    }
+    cluster = LocalCluster(
+        Path(args.run_dir), ClusterPorts.standard(), extra_env=extra, host=args.host
+    )
+    print("starting redis, vad, asr, speaker and gateway (lite profile) ...", flush=True)
+    started = time.monotonic()
+    cluster.start()
+    p = cluster.ports
+    print(
+        f"""
+cluster ready in {time.monotonic() - started:.0f} s; logs in {args.run_dir}/
+
+  devices connect to   ws://{args.host}:{p.gateway}/xiaozhi/v1/
+  device token         {token}{"   (open mode: any token accepted)" if args.open else ""}
+  speaker admin token  {admin}
+  health / metrics     http://{args.host}:{p.gateway}/readyz   http://{args.host}:{p.gateway}/metrics
+  service metrics      vad :{p.vad_metrics}  asr :{p.asr_metrics}  speaker :{p.speaker_metrics}
+  redis                redis://127.0.0.1:{p.redis}/0
+
+try a simulated device:
+  .venv/bin/speechfront simulate --token {token} --text "turn on the kitchen lights"
+
+Ctrl-C stops everything.""",
+        flush=True,
+    )
+    try:
+        while all(proc.process.poll() is None for proc in cluster.processes.values()):
+            time.sleep(1)
+        dead = [n for n, proc in cluster.processes.items() if proc.process.poll() is not None]
+        print(f"process exited: {', '.join(dead)}; see {args.run_dir}/", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nstopping ...")
+    finally:
+        cluster.stop()
+
+
+def _run_simulator(args: argparse.Namespace) -> None:
+    from services.common.audio import read_wav
+    from services.simulator.device import DeviceConfig, SimulatedDevice
+    from services.simulator.speech import synthesize
+
+    utterances = [synthesize(text, args.voice) for text in args.text]
+    utterances += [read_wav(Path(path).read_bytes()) for path in args.wav]
+    if not utterances:
+        raise SystemExit("give at least one --text or --wav")
+
+    async def run() -> None:
+        config = DeviceConfig(
+            url=args.url,
+            token=args.token,
+            protocol_version=args.protocol,
+            speed=args.speed,
+            **({"device_id": args.device_id} if args.device_id else {}),
+        )
+        async with SimulatedDevice(config) as device:
+            print(
+                f"connected: session {device.session_id} (protocol v{args.protocol}, {args.mode})"
+            )
+            if args.mode == "manual":
+                results = await device.speak_manual(utterances, timeout=args.timeout)
+            else:
+                results = await device.speak_auto(utterances, mode=args.mode, timeout=args.timeout)
+            for result in results:
+                latency = (
+                    "" if result.latency_s is None else f"  [{result.latency_s * 1000:.0f} ms]"
+                )
+                print(json.dumps(result.message, ensure_ascii=False) + latency)
+
+    asyncio.run(run())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="speechfront", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in SERVICES:
+        sub.add_parser(name, help=f"run the {name} service (configured by SF_{name.upper()}_*)")
+
+    cluster = sub.add_parser("cluster", help="run Redis and every service locally (lite profile)")
+    cluster.add_argument("--run-dir", default="run", help="logs and Redis files")
+    cluster.add_argument("--host", default="127.0.0.1", help="address services bind")
+    cluster.add_argument("--token", help="device token to accept (default: a random one)")
+    cluster.add_argument("--admin-token", help="speaker API token (default: a random one)")
+    cluster.add_argument(
+        "--open", action="store_true", help="open mode: accept devices without a valid token"
+    )
+
+    sim = sub.add_parser("simulate", help="stream speech to the gateway as a device would")
+    sim.add_argument("--url", default="ws://127.0.0.1:8000/xiaozhi/v1/")
+    sim.add_argument("--token")
+    sim.add_argument("--device-id")
+    sim.add_argument("--text", action="append", default=[], help="sentence to speak (repeatable)")
+    sim.add_argument("--wav", action="append", default=[], help="WAV file to send (repeatable)")
+    sim.add_argument("--voice", default="en", help="espeak-ng voice for --text")
+    sim.add_argument("--protocol", type=int, choices=(1, 2, 3), default=3)
+    sim.add_argument("--mode", choices=("auto", "manual", "realtime"), default="auto")
+    sim.add_argument("--speed", type=float, default=1.0, help="1.0 = real time")
+    sim.add_argument("--timeout", type=float, default=30.0)
+
+    args = parser.parse_args(argv)
+    if args.command in SERVICES:
+        _run_service(args.command)
+    elif args.command == "cluster":
+        _run_cluster(args)
+    else:
+        _run_simulator(args)
+
+
+if __name__ == "__main__":
+    main()
