@@ -31,7 +31,7 @@ class OpusStreamDecoder:
         try:
             pcm: bytes = self._decoder.decode(packet, MAX_FRAME_SAMPLES)
         except opuslib.OpusError as exc:
-            raise BadFrame(f"invalid Opus packet: {exc.args[0]!r}") from None
+            raise BadFrame(f"invalid Opus packet: {exc}") from None
         if self._expected_bytes is not None and len(pcm) != self._expected_bytes:
             raise BadFrame(
                 f"Opus packet lasts {len(pcm) // 32} ms, "
