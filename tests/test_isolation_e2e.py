@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from support.wer import word_error_rate
 
+from services.gateway.framing import encode_frame
 from services.simulator.device import SimulatedDevice
 from services.simulator.speech import synthesize
 
@@ -22,7 +23,7 @@ async def _lying_v3_header(device: SimulatedDevice) -> None:
 
 
 async def _non_opus_bytes(device: SimulatedDevice) -> None:
-    await device.send_raw(b"hello world, not opus at all")
+    await device.send_raw(encode_frame(3, b"hello world, not opus at all"))
 
 
 async def _json_array(device: SimulatedDevice) -> None:

@@ -101,6 +101,10 @@ def test_health_readiness_and_metrics_endpoints(cluster: LocalCluster) -> None:
     with urllib.request.urlopen(f"{cluster.gateway_url}/metrics", timeout=5) as reply:
         text = reply.read().decode()
     assert "speechfront_gateway_sessions" in text
-    for port in (cluster.ports.vad_metrics, cluster.ports.asr_metrics, cluster.ports.speaker_metrics):
+    for port in (
+        cluster.ports.vad_metrics,
+        cluster.ports.asr_metrics,
+        cluster.ports.speaker_metrics,
+    ):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
             assert "speechfront_" in reply.read().decode()

@@ -21,6 +21,7 @@ class AsrSettings(ServiceSettings):
     sensevoice_model: str = "iic/SenseVoiceSmall"
     whisper_model_dir: str = str(DEFAULT_MODELS_DIR / "whisper-tiny.en")
     device: str = Field("auto", description='"auto" picks the GPU when one is present.')
+    cpu_threads: int = Field(0, ge=0, description="Threads of a CPU engine; 0 = library default.")
     max_batch: int = Field(16, ge=1, le=1024)
     max_wait_ms: float = Field(10.0, ge=0, le=1000)
     max_queue: int = Field(256, ge=1)

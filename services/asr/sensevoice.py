@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -89,6 +90,24 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_model_dir(model: str) -> Path:
+    """A local directory as is; a hub id through funasr's own ModelScope download.
+
+    funasr would download an id itself, but on failure it only prints and then
+    reports an unregistered model class; this names the real problem.
+    """
+    if Path(model).is_dir():
+        return Path(model)
+    from funasr.download.download_model_from_hub import get_or_download_model_dir
+
+    try:
+        return Path(get_or_download_model_dir(model, "master", is_training=False))
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"{model!r} is neither a local model directory nor downloadable from ModelScope"
+        ) from exc
+
+
 class SenseVoiceEngine:
     """Multilingual recognition with language, emotion and audio-event tags."""
 
@@ -98,9 +117,10 @@ class SenseVoiceEngine:
         from funasr import AutoModel
 
         self.device = resolve_device(device)
+        model_dir = resolve_model_dir(model)
         # Public so callers can instrument it; transcribe() calls ``self.model.generate``.
         self.model = AutoModel(
-            model=model,
+            model=str(model_dir),
             device=self.device,
             disable_update=True,
             disable_pbar=True,
@@ -111,7 +131,7 @@ class SenseVoiceEngine:
         kind = type(self.model.model).__name__
         if kind != "SenseVoiceSmall":
             raise ValueError(f"{model!r} holds a {kind}, not a SenseVoiceSmall model")
-        log.info("loaded SenseVoiceSmall from %s on %s", model, self.device)
+        log.info("loaded SenseVoiceSmall from %s on %s", model_dir, self.device)
 
     def transcribe(self, batch: Sequence[AsrRequest]) -> list[Transcript]:
         if not batch:

@@ -24,7 +24,11 @@ def build_engine(settings: AsrSettings) -> AsrEngine:
 
         from services.asr.whisper import WhisperEngine
 
-        return WhisperEngine(Path(settings.whisper_model_dir), device=settings.device)
+        return WhisperEngine(
+            Path(settings.whisper_model_dir),
+            device=settings.device,
+            cpu_threads=settings.cpu_threads,
+        )
     from services.asr.sensevoice import SenseVoiceEngine
 
     return SenseVoiceEngine(settings.sensevoice_model, device=settings.device)

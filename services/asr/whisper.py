@@ -76,6 +76,7 @@ class WhisperEngine:
         device: str = "auto",
         compute_type: str = "int8",
         beam_size: int = 1,
+        cpu_threads: int = 0,
     ) -> None:
         if device == "auto":
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
@@ -85,7 +86,9 @@ class WhisperEngine:
         self.device = device
         # Public so callers can instrument it; transcribe() looks up
         # ``self.model.model.generate`` on every call.
-        self.model = WhisperModel(str(model_dir), device=device, compute_type=compute_type)
+        self.model = WhisperModel(
+            str(model_dir), device=device, compute_type=compute_type, cpu_threads=cpu_threads
+        )
         self._beam_size = beam_size
         self._tokenizer = Tokenizer(
             self.model.hf_tokenizer,

@@ -11,7 +11,8 @@ A model is a ModelScope id or a local directory laid out as its download is::
 funasr registers the model class as ``ERes2NetV2`` but builds it with the base
 variant's widths and only looks for ``pretrained_eres2netv2.ckpt``; the
 w24s4ep4 variant (``pretrained_eres2netv2w24s4ep4.ckpt``, width 24, scale 4,
-expansion 4) would come up randomly initialised or half loaded. So the widths
+expansion 4) would come up randomly initialised (its file is not found) or, named
+explicitly, in the wrong shape. So the widths
 and the checkpoint name are read from configuration.json and handed to funasr,
 and the load is checked tensor by tensor afterwards.
 """
@@ -204,7 +205,7 @@ def _masked_padding(net: nn.Module, lengths: torch.Tensor, padded: int) -> Itera
         for m in net.modules()
         if isinstance(m, nn.Conv2d) and m.kernel_size[-1] > 1
     ]
-    handles.append(net.pool.register_forward_hook(masked_stats))
+    handles.append(net.get_submodule("pool").register_forward_hook(masked_stats))
     try:
         yield
     finally:
@@ -229,7 +230,7 @@ class ERes2NetV2Engine:
         arch = read_variant(model_dir)
         ckpt_path: Path = arch["checkpoint"]
         if not ckpt_path.is_file():
-            raise FileNotFoundError(f"checkpoint {ckpt_path} named in configuration.json is missing")
+            raise FileNotFoundError(f"{ckpt_path}, named in configuration.json, is missing")
         ckpt = _load_state(ckpt_path)
         # Checked before funasr sees it: funasr's own load reports a mismatch as a wall of
         # size errors or, for missing tensors, only a log line.
@@ -272,8 +273,11 @@ class ERes2NetV2Engine:
         waves = []
         for wav in batch:
             wav = np.asarray(wav, dtype=np.float32).reshape(-1)
-            if wav.size < MIN_SAMPLES:
-                wav = np.resize(wav, MIN_SAMPLES) if wav.size else np.zeros(MIN_SAMPLES, np.float32)
+            if wav.size == 0:
+                wav = np.zeros(MIN_SAMPLES, np.float32)
+            elif wav.size < MIN_SAMPLES:
+                # Repeating keeps the voice's spectrum; zeros would skew the mean removal.
+                wav = np.resize(wav, MIN_SAMPLES)
             waves.append(torch.from_numpy(wav))
         # funasr's own ERes2NetV2 front end: 80-bin Kaldi fbank, per-utterance mean removed,
         # zero-padded to the longest utterance.
@@ -284,6 +288,7 @@ class ERes2NetV2Engine:
         if not batch:
             return np.zeros((0, self.dim), dtype=np.float32)
         feats, lengths = self._features(batch)
+        lengths = lengths.to(self.device)
         # One forward for the whole batch: utterances are zero-padded to the longest, and
         # hooks keep the padding out of every valid frame (see _masked_padding), so each
         # embedding is what the utterance gets on its own, whatever it is batched with.
@@ -292,4 +297,3 @@ class ERes2NetV2Engine:
         emb = out.float().cpu().numpy()
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         return (emb / np.maximum(norms, 1e-8)).astype(np.float32)
-

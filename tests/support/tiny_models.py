@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -194,23 +195,28 @@ def write_tiny_sensevoice(
     return directory
 
 
-# ERes2NetV2 variants as 3D-Speaker publishes them on ModelScope: the hub id, the
-# checkpoint file name and the architecture numbers its configuration.json carries.
-ERES2NETV2_VARIANTS: dict[str, dict[str, object]] = {
-    "base": {
-        "id": "iic/speech_eres2netv2_sv_zh-cn_16k-common",
-        "ckpt": "pretrained_eres2netv2.ckpt",
-        "baseWidth": 26,
-        "scale": 2,
-        "expansion": 2,
-    },
-    "w24s4ep4": {
-        "id": "iic/speech_eres2netv2w24s4ep4_sv_zh-cn_16k-common",
-        "ckpt": "pretrained_eres2netv2w24s4ep4.ckpt",
-        "baseWidth": 24,
-        "scale": 4,
-        "expansion": 4,
-    },
+@dataclass(frozen=True)
+class ERes2NetV2Variant:
+    """An ERes2NetV2 release as 3D-Speaker publishes it on ModelScope."""
+
+    model_id: str
+    checkpoint: str
+    base_width: int
+    scale: int
+    expansion: int
+
+
+ERES2NETV2_VARIANTS = {
+    "base": ERes2NetV2Variant(
+        "iic/speech_eres2netv2_sv_zh-cn_16k-common", "pretrained_eres2netv2.ckpt", 26, 2, 2
+    ),
+    "w24s4ep4": ERes2NetV2Variant(
+        "iic/speech_eres2netv2w24s4ep4_sv_zh-cn_16k-common",
+        "pretrained_eres2netv2w24s4ep4.ckpt",
+        24,
+        4,
+        4,
+    ),
 }
 
 
@@ -226,11 +232,11 @@ def eres2netv2_configuration(variant: str) -> dict[str, object]:
                 "sample_rate": 16000,
                 "fbank_dim": 80,
                 "embed_dim": 192,
-                "baseWidth": spec["baseWidth"],
-                "scale": spec["scale"],
-                "expansion": spec["expansion"],
+                "baseWidth": spec.base_width,
+                "scale": spec.scale,
+                "expansion": spec.expansion,
             },
-            "pretrained_model": spec["ckpt"],
+            "pretrained_model": spec.checkpoint,
         },
         "pipeline": {"type": "speaker-verification"},
     }
@@ -241,14 +247,15 @@ def write_eres2netv2(
     variant: str = "base",
     *,
     weights_of: str | None = None,
+    drop: tuple[str, ...] = (),
     seed: int = 0,
 ) -> Path:
     """Write a randomly initialised ERes2NetV2 model dir for ``variant`` and return it.
 
-    The architecture is the full-size one (the real checkpoint is a plain
-    ``state_dict`` of funasr's/3D-Speaker's ``ERes2NetV2``), so loading it
-    exercises the same shapes as the real weights. ``weights_of`` writes another
-    variant's weights under this variant's config, to test that a mismatch is caught.
+    The network is full size (the real checkpoint is a plain ``state_dict`` of
+    3D-Speaker's ``ERes2NetV2``, which funasr ships as is), so loading exercises
+    the real shapes. For negative tests, ``weights_of`` writes another variant's
+    weights under this variant's configuration and ``drop`` leaves tensors out.
     """
     from funasr.models.eres2net.eres2netv2 import ERes2NetV2
 
@@ -258,18 +265,20 @@ def write_eres2netv2(
     net = ERes2NetV2(
         feat_dim=80,
         embedding_size=192,
-        baseWidth=int(spec["baseWidth"]),  # type: ignore[call-overload]
-        scale=int(spec["scale"]),  # type: ignore[call-overload]
-        expansion=int(spec["expansion"]),  # type: ignore[call-overload]
+        baseWidth=spec.base_width,
+        scale=spec.scale,
+        expansion=spec.expansion,
     )
     # Random BatchNorm statistics, so that eval-mode normalisation is not the identity.
     with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-    config = eres2netv2_configuration(variant)
-    (directory / "configuration.json").write_text(json.dumps(config, indent=2))
-    ckpt = ERES2NETV2_VARIANTS[variant]["ckpt"]
-    torch.save(net.state_dict(), directory / str(ckpt))
+        for buffer_name, buffer in net.named_buffers():
+            if buffer_name.endswith("running_mean"):
+                buffer.uniform_(-0.1, 0.1)
+            elif buffer_name.endswith("running_var"):
+                buffer.uniform_(0.5, 1.5)
+    state = {k: v for k, v in net.state_dict().items() if k not in drop}
+    (directory / "configuration.json").write_text(
+        json.dumps(eres2netv2_configuration(variant), indent=2)
+    )
+    torch.save(state, directory / ERES2NETV2_VARIANTS[variant].checkpoint)
     return directory
