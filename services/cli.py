@@ -69,6 +69,9 @@ Ctrl-C stops everything.""",
     except KeyboardInterrupt:
         print("\nstopping ...")
     finally:
+        # A second signal must not cut the shutdown short and orphan children.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         cluster.stop()
 
 
