@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,8 @@ def _run_cluster(args: argparse.Namespace) -> None:
     cluster = LocalCluster(
         Path(args.run_dir), ClusterPorts.standard(), extra_env=extra, host=args.host
     )
+    # Stop the children on SIGTERM as on Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print("starting redis, vad, asr, speaker and gateway (lite profile) ...", flush=True)
     started = time.monotonic()
     cluster.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import DeviceFactory
 from support.wer import word_error_rate
 
 from services.simulator.speech import synthesize
@@ -36,7 +37,7 @@ SENTENCES = [
 VOICES = ["en", "en+f3", "en+m7", "en-us+f5"]
 
 
-async def test_twenty_devices_each_get_their_own_text(make_device) -> None:
+async def test_twenty_devices_each_get_their_own_text(make_device: DeviceFactory) -> None:
     devices = [make_device() for _ in SENTENCES]
     await asyncio.gather(*(device.connect() for device in devices))
     audio = [synthesize(s, VOICES[i % len(VOICES)]) for i, s in enumerate(SENTENCES)]

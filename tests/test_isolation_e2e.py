@@ -7,6 +7,8 @@ import struct
 from collections.abc import Awaitable, Callable
 
 import pytest
+import redis
+from conftest import DeviceFactory
 from support.wer import word_error_rate
 
 from services.gateway.framing import encode_frame
@@ -51,7 +53,7 @@ CASES: list[tuple[str, Misbehaviour, bool, int, str]] = [
     ids=[case[0] for case in CASES],
 )
 async def test_bad_input_closes_only_that_connection(
-    make_device, action: Misbehaviour, hello: bool, code: int, reason: str
+    make_device: DeviceFactory, action: Misbehaviour, hello: bool, code: int, reason: str
 ) -> None:
     healthy = make_device()
     await healthy.connect()
@@ -69,7 +71,7 @@ async def test_bad_input_closes_only_that_connection(
     assert word_error_rate([HEALTHY_SENTENCE], [result.text]) <= 0.2, result.text
 
 
-async def test_wrong_token_is_refused_with_a_reason(make_device) -> None:
+async def test_wrong_token_is_refused_with_a_reason(make_device: DeviceFactory) -> None:
     device = make_device(token="not-a-valid-token")
     await device.connect(send_hello=False)
     code, reason = await device.wait_closed(10)
@@ -77,20 +79,22 @@ async def test_wrong_token_is_refused_with_a_reason(make_device) -> None:
     assert "unauthorized" in reason
 
 
-async def test_missing_token_is_refused(make_device) -> None:
+async def test_missing_token_is_refused(make_device: DeviceFactory) -> None:
     device = make_device(token=None)
     await device.connect(send_hello=False)
     assert (await device.wait_closed(10))[0] == 1008
 
 
-async def test_token_added_to_redis_is_accepted(make_device, redis_client) -> None:
+async def test_token_added_to_redis_is_accepted(
+    make_device: DeviceFactory, redis_client: redis.Redis
+) -> None:
     redis_client.sadd("sf:auth:tokens", "token-from-redis")
     device = make_device(token="token-from-redis")
     await device.connect()
     assert device.session_id
 
 
-async def test_wrong_listen_mode_closes_with_reason(make_device) -> None:
+async def test_wrong_listen_mode_closes_with_reason(make_device: DeviceFactory) -> None:
     device = make_device()
     await device.connect()
     await device.listen("start", "sideways")

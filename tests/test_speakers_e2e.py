@@ -5,12 +5,11 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
+from conftest import ADMIN_TOKEN, DeviceFactory
 
 from services.cluster import LocalCluster
 from services.common.audio import write_wav
 from services.simulator.speech import silence, synthesize
-
-from conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +34,9 @@ def enrol(cluster: LocalCluster, device_id: str, name: str, voice: str) -> dict[
     return body
 
 
-async def test_enrolled_voice_is_reported_as_the_speaker(cluster, make_device) -> None:
+async def test_enrolled_voice_is_reported_as_the_speaker(
+    cluster: LocalCluster, make_device: DeviceFactory
+) -> None:
     device = make_device(speed=2.0)
     speaker = enrol(cluster, device.config.device_id, "alex", ENROLLED_VOICE)
     await device.connect()
@@ -47,7 +48,7 @@ async def test_enrolled_voice_is_reported_as_the_speaker(cluster, make_device) -
 
 
 async def test_a_different_voice_is_not_reported_as_the_enrolled_speaker(
-    cluster, make_device
+    cluster: LocalCluster, make_device: DeviceFactory
 ) -> None:
     device = make_device(speed=2.0)
     enrol(cluster, device.config.device_id, "alex", ENROLLED_VOICE)
@@ -57,7 +58,9 @@ async def test_a_different_voice_is_not_reported_as_the_enrolled_speaker(
     assert result.message["speaker"] is None, result.message
 
 
-async def test_voiceprints_of_one_device_are_not_used_for_another(cluster, make_device) -> None:
+async def test_voiceprints_of_one_device_are_not_used_for_another(
+    cluster: LocalCluster, make_device: DeviceFactory
+) -> None:
     enrolled = make_device()
     enrol(cluster, enrolled.config.device_id, "alex", ENROLLED_VOICE)
     other = make_device(speed=2.0)
@@ -74,9 +77,13 @@ def test_speakers_can_be_listed_and_deleted(cluster: LocalCluster) -> None:
     auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     listed = httpx.get(url, headers=auth, timeout=10).json()
     assert [s["name"] for s in listed["speakers"]] == ["sam"]
-    assert httpx.delete(f"{url}/{speaker['speaker_id']}", headers=auth, timeout=10).status_code == 204
+    assert (
+        httpx.delete(f"{url}/{speaker['speaker_id']}", headers=auth, timeout=10).status_code == 204
+    )
     assert httpx.get(url, headers=auth, timeout=10).json()["speakers"] == []
-    assert httpx.delete(f"{url}/{speaker['speaker_id']}", headers=auth, timeout=10).status_code == 404
+    assert (
+        httpx.delete(f"{url}/{speaker['speaker_id']}", headers=auth, timeout=10).status_code == 404
+    )
 
 
 def test_speaker_api_requires_the_admin_token(cluster: LocalCluster) -> None:

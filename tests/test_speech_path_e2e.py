@@ -7,6 +7,7 @@ import urllib.request
 
 import pytest
 import redis
+from conftest import DeviceFactory
 from support.wer import word_error_rate
 
 from services.cluster import LocalCluster
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.e2e
 SENTENCE = "please turn on the lights in the living room"
 
 
-async def test_auto_mode_sentence_is_recognised(make_device) -> None:
+async def test_auto_mode_sentence_is_recognised(make_device: DeviceFactory) -> None:
     device = make_device()
     await device.connect()
     [result] = await device.speak_auto([synthesize(SENTENCE)])
@@ -28,7 +29,9 @@ async def test_auto_mode_sentence_is_recognised(make_device) -> None:
     assert result.latency_s is not None and 0 < result.latency_s < 10
 
 
-async def test_two_utterances_separated_by_silence_give_two_results_in_order(make_device) -> None:
+async def test_two_utterances_separated_by_silence_give_two_results_in_order(
+    make_device: DeviceFactory,
+) -> None:
     first, second = "what time is it now", "remind me to call my sister"
     device = make_device()
     await device.connect()
@@ -39,7 +42,7 @@ async def test_two_utterances_separated_by_silence_give_two_results_in_order(mak
     assert results[0].message["timing"]["end_ms"] < results[1].message["timing"]["start_ms"]
 
 
-async def test_manual_mode_gives_one_result_per_start_stop_pair(make_device) -> None:
+async def test_manual_mode_gives_one_result_per_start_stop_pair(make_device: DeviceFactory) -> None:
     sentences = ["open the garage door", "play some music please"]
     device = make_device()
     await device.connect()
@@ -49,7 +52,7 @@ async def test_manual_mode_gives_one_result_per_start_stop_pair(make_device) -> 
     assert word_error_rate(sentences, [r.text for r in results]) <= 0.2
 
 
-async def test_realtime_mode_is_cut_by_vad_like_auto(make_device) -> None:
+async def test_realtime_mode_is_cut_by_vad_like_auto(make_device: DeviceFactory) -> None:
     device = make_device()
     await device.connect()
     [result] = await device.speak_auto([synthesize("how is the weather today")], mode="realtime")
@@ -57,7 +60,9 @@ async def test_realtime_mode_is_cut_by_vad_like_auto(make_device) -> None:
 
 
 @pytest.mark.parametrize("version", [1, 2, 3])
-async def test_every_binary_protocol_version_carries_audio(make_device, version: int) -> None:
+async def test_every_binary_protocol_version_carries_audio(
+    make_device: DeviceFactory, version: int
+) -> None:
     sentence = "close the bedroom window"
     device = make_device(protocol_version=version, speed=2.0)
     await device.connect()
@@ -65,7 +70,7 @@ async def test_every_binary_protocol_version_carries_audio(make_device, version:
     assert word_error_rate([sentence], [result.text]) <= 0.2, result.text
 
 
-async def test_unknown_message_types_are_tolerated(make_device) -> None:
+async def test_unknown_message_types_are_tolerated(make_device: DeviceFactory) -> None:
     device = make_device(speed=2.0)
     await device.connect()
     await device.send_json({"session_id": device.session_id, "type": "mcp", "payload": {}})
@@ -77,7 +82,7 @@ async def test_unknown_message_types_are_tolerated(make_device) -> None:
 
 
 async def test_session_record_in_redis_holds_device_and_last_result(
-    make_device, redis_client: redis.Redis
+    make_device: DeviceFactory, redis_client: redis.Redis
 ) -> None:
     device = make_device(speed=2.0)
     await device.connect()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -34,10 +35,17 @@ def clips() -> dict[str, np.ndarray]:
             [silence(1), say("hello there how are you"), silence(1), say("fine thanks"), silence(1)]
         ),
         "female_short_pause": np.concatenate(
-            [silence(0.5), say("turn left", "en+f3"), silence(0.7), say("then stop", "en+f3"),
-             silence(1)]
-        ),  # fmt: skip
-        "mandarin": np.concatenate([silence(0.6), say("你好小智，今天天气怎么样", "cmn"), silence(1)]),
+            [
+                silence(0.5),
+                say("turn left", "en+f3"),
+                silence(0.7),
+                say("then stop", "en+f3"),
+                silence(1),
+            ]
+        ),
+        "mandarin": np.concatenate(
+            [silence(0.6), say("你好小智，今天天气怎么样", "cmn"), silence(1)]
+        ),
         "noisy": noisy,
         "long_pause": np.concatenate(
             [silence(0.3), say("first", "en+m7"), silence(2.5), say("second", "en+m7"), silence(1)]
@@ -46,8 +54,8 @@ def clips() -> dict[str, np.ndarray]:
     }
 
 
-def funasr_reference(model, audio: np.ndarray) -> list[tuple[str, int]]:
-    cache: dict = {}
+def funasr_reference(model: Any, audio: np.ndarray) -> list[tuple[str, int]]:
+    cache: dict[str, Any] = {}
     events: list[tuple[str, int]] = []
     for i in range(0, audio.size, CHUNK):
         result = model.generate(
@@ -90,7 +98,7 @@ async def through_service(port: int, name: str, audio: np.ndarray) -> list[tuple
 
 
 @pytest.fixture(scope="module")
-def funasr_fsmn():
+def funasr_fsmn() -> Any:
     from funasr import AutoModel
 
     from services.common.config import DEFAULT_MODELS_DIR
@@ -98,7 +106,9 @@ def funasr_fsmn():
     return AutoModel(model=str(DEFAULT_MODELS_DIR / "fsmn-vad"), disable_update=True)
 
 
-async def test_service_boundaries_match_funasr_streaming(cluster: LocalCluster, funasr_fsmn) -> None:
+async def test_service_boundaries_match_funasr_streaming(
+    cluster: LocalCluster, funasr_fsmn: Any
+) -> None:
     audio_by_name = clips()
     served = await asyncio.gather(
         *(through_service(cluster.ports.vad, name, a) for name, a in audio_by_name.items())

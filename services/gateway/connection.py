@@ -96,8 +96,7 @@ async def serve_device(ctx: GatewayContext, websocket: WebSocket) -> None:
         session.record_connected(handshake.client_id, handshake.protocol_version, hello)
         await _receive_loop(websocket, session, decoder, handshake.protocol_version)
     except ConnectionRejected as exc:
-        reason = exc.reason.split(":")[0].replace(" ", "_")[:40]
-        metrics.CLOSES.labels(reason if session else f"handshake_{reason}").inc()
+        metrics.CLOSES.labels(exc.label if session else f"handshake_{exc.label}").inc()
         log.info("closing connection: %s", exc.reason)
         await _close(websocket, exc.code, exc.reason)
     except VadBackpressure as exc:

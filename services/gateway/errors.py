@@ -12,6 +12,18 @@ GOING_AWAY = 1001
 INTERNAL_ERROR = 1011
 
 
+# Metric labels by close code: bounded, unlike the reason text.
+CLOSE_LABELS = {
+    POLICY_VIOLATION: "policy_violation",
+    UNSUPPORTED_DATA: "unsupported_data",
+    INVALID_PAYLOAD: "invalid_payload",
+    MESSAGE_TOO_BIG: "message_too_big",
+    TRY_AGAIN_LATER: "overloaded",
+    GOING_AWAY: "going_away",
+    INTERNAL_ERROR: "internal_error",
+}
+
+
 class ConnectionRejected(Exception):
     """The connection must close with ``code``; ``reason`` goes to the device."""
 
@@ -20,6 +32,10 @@ class ConnectionRejected(Exception):
         self.code = code
         # The close frame's reason is limited to 123 bytes.
         self.reason = reason.encode()[:123].decode(errors="ignore")
+
+    @property
+    def label(self) -> str:
+        return CLOSE_LABELS.get(self.code, "other")
 
 
 class BadFrame(ConnectionRejected):
