@@ -19,12 +19,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from services.asr.engine import AsrRequest, Transcript
+from services.common.funasr_models import resolve_device, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -82,30 +82,6 @@ def parse_rich_text(raw: str) -> Transcript:
         event=found.get("event", ""),
         raw_text=raw,
     )
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_model_dir(model: str) -> Path:
-    """A local directory as is; a hub id through funasr's own ModelScope download.
-
-    funasr would download an id itself, but on failure it only prints and then
-    reports an unregistered model class; this names the real problem.
-    """
-    if Path(model).is_dir():
-        return Path(model)
-    from funasr.download.download_model_from_hub import get_or_download_model_dir
-
-    try:
-        return Path(get_or_download_model_dir(model, "master", is_training=False))
-    except Exception as exc:
-        raise FileNotFoundError(
-            f"{model!r} is neither a local model directory nor downloadable from ModelScope"
-        ) from exc
 
 
 class SenseVoiceEngine:

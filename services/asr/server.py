@@ -10,10 +10,10 @@ import numpy as np
 from services.asr.config import AsrSettings
 from services.asr.engine import AsrEngine, AsrRequest, Transcript
 from services.common.audio import SAMPLE_RATE
-from services.common.batched_rpc import decode_utterance, submit_or_abort
-from services.common.batching import BatchLimits, DynamicBatcher
+from services.common.batched_rpc import decode_utterance, serve_batched, submit_or_abort
+from services.common.batching import DynamicBatcher
 from services.common.config import load_settings
-from services.common.grpc_service import configure_logging, run_grpc_service, status_for
+from services.common.grpc_service import configure_logging, status_for
 from services.common.inference import InferenceThread
 from services.protos import asr_pb2, asr_pb2_grpc
 
@@ -77,26 +77,16 @@ def main() -> None:
         "asr",
         engine.transcribe,
         inference,
-        BatchLimits(
-            max_batch=settings.max_batch,
-            max_audio_seconds=settings.max_batch_audio_s,
-            max_wait_ms=settings.max_wait_ms,
-            max_queue=settings.max_queue,
-        ),
+        settings.batch_limits(),
         audio_seconds=lambda r: r.audio.size / SAMPLE_RATE,
         group=lambda r: (r.language, r.use_itn),
     )
     servicer = AsrServicer(engine.name, batcher, settings.max_utterance_s)
-
-    async def start() -> None:
-        batcher.start()
-
     asyncio.run(
-        run_grpc_service(
+        serve_batched(
             "speechfront.asr.v1.Asr",
             settings,
+            batcher,
             lambda server: asr_pb2_grpc.add_AsrServicer_to_server(servicer, server),
-            start,
-            lambda: batcher.stop(settings.shutdown_grace_s),
         )
     )

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from services.common.audio import SAMPLE_RATE, pcm16_to_float
 from services.common.batching import Batched, DeadlineExpiredError, DynamicBatcher, QueueFullError
-from services.common.grpc_service import status_for
+from services.common.grpc_service import run_grpc_service, status_for
+from services.common.settings import BatchedServiceSettings
 
 RequestT = TypeVar("RequestT")
 ResultT = TypeVar("ResultT")
@@ -40,3 +42,20 @@ async def submit_or_abort(
     except Exception as exc:
         await context.abort(status_for(exc), f"{type(exc).__name__}: {exc}")
     raise AssertionError("context.abort always raises")
+
+
+async def serve_batched(
+    name: str,
+    settings: BatchedServiceSettings,
+    batcher: DynamicBatcher[Any, Any],
+    register: Callable[[grpc.aio.Server], None],
+) -> None:
+    """Run a batched service: the batcher consumes while the server is up, then drains."""
+
+    async def start() -> None:
+        batcher.start()
+
+    async def stop() -> None:
+        await batcher.stop(settings.shutdown_grace_s)
+
+    await run_grpc_service(name, settings, register, start, stop)

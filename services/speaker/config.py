@@ -8,10 +8,10 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.config import DEFAULT_MODELS_DIR
-from services.common.settings import ServiceSettings
+from services.common.settings import BatchedServiceSettings
 
 
-class SpeakerSettings(ServiceSettings):
+class SpeakerSettings(BatchedServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SF_SPEAKER_")
 
     port: int = Field(50053, ge=1, le=65535)
@@ -20,9 +20,4 @@ class SpeakerSettings(ServiceSettings):
     # A ModelScope id or a local directory laid out like that model's download.
     eres2netv2_model: str = "iic/speech_eres2netv2_sv_zh-cn_16k-common"
     dvector_weights: str = str(DEFAULT_MODELS_DIR / "resemblyzer" / "pretrained.pt")
-    device: str = Field("auto", description='"auto" picks the GPU when one is present.')
     max_batch: int = Field(32, ge=1, le=1024)
-    max_wait_ms: float = Field(10.0, ge=0, le=1000)
-    max_queue: int = Field(256, ge=1)
-    max_batch_audio_s: float = Field(300.0, gt=0)
-    max_utterance_s: float = Field(30.0, gt=0, le=300)

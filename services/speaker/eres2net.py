@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from services.common.funasr_models import resolve_device, resolve_model_dir
+
 log = logging.getLogger(__name__)
 
 _FEAT_DIM = 80
@@ -43,26 +45,6 @@ _DOWNSAMPLINGS = 3
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint does not fit the architecture its configuration describes."""
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_model_dir(model: str) -> Path:
-    """A local directory as is; a hub id through funasr's own ModelScope download."""
-    if Path(model).is_dir():
-        return Path(model)
-    from funasr.download.download_model_from_hub import get_or_download_model_dir
-
-    try:
-        return Path(get_or_download_model_dir(model, "master", is_training=False))
-    except Exception as exc:
-        raise FileNotFoundError(
-            f"{model!r} is neither a local model directory nor downloadable from ModelScope"
-        ) from exc
 
 
 def read_variant(model_dir: Path) -> dict[str, Any]:

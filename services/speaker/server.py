@@ -10,10 +10,10 @@ import grpc
 import numpy as np
 
 from services.common.audio import SAMPLE_RATE
-from services.common.batched_rpc import decode_utterance, submit_or_abort
-from services.common.batching import BatchLimits, DynamicBatcher
+from services.common.batched_rpc import decode_utterance, serve_batched, submit_or_abort
+from services.common.batching import DynamicBatcher
 from services.common.config import load_settings
-from services.common.grpc_service import configure_logging, run_grpc_service, status_for
+from services.common.grpc_service import configure_logging, status_for
 from services.common.inference import InferenceThread
 from services.protos import speaker_pb2, speaker_pb2_grpc
 from services.speaker.config import SpeakerSettings
@@ -70,25 +70,15 @@ def main() -> None:
         "speaker",
         embed_rows,
         inference,
-        BatchLimits(
-            max_batch=settings.max_batch,
-            max_audio_seconds=settings.max_batch_audio_s,
-            max_wait_ms=settings.max_wait_ms,
-            max_queue=settings.max_queue,
-        ),
+        settings.batch_limits(),
         audio_seconds=lambda audio: audio.size / SAMPLE_RATE,
     )
     servicer = SpeakerServicer(engine.name, batcher, settings.max_utterance_s)
-
-    async def start() -> None:
-        batcher.start()
-
     asyncio.run(
-        run_grpc_service(
+        serve_batched(
             "speechfront.speaker.v1.Speaker",
             settings,
+            batcher,
             lambda server: speaker_pb2_grpc.add_SpeakerServicer_to_server(servicer, server),
-            start,
-            lambda: batcher.stop(settings.shutdown_grace_s),
         )
     )
