@@ -24,11 +24,11 @@ test: setup lint typecheck
 	$(BIN)/pytest -q
 
 lint: $(VENV)/.installed proto
-	$(BIN)/ruff check services tests
-	$(BIN)/ruff format --check services tests
+	$(BIN)/ruff check services tests bench
+	$(BIN)/ruff format --check services tests bench
 
 typecheck: $(VENV)/.installed proto
-	$(BIN)/mypy services tests
+	$(BIN)/mypy services tests bench
 
 unit: setup
 	$(BIN)/pytest -q -m "not e2e"
@@ -77,3 +77,13 @@ $(MODELS)/.unpacked: $(VENV)/.installed
 
 clean:
 	rm -rf $(PROTO_OUT)/*_pb2*.py* $(PROTO_OUT)/.generated .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks (not part of the test suite): figures printed, JSON + PNG in bench-results/.
+.PHONY: bench bench-vad
+bench: setup
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench.vad_bench
+	$(BIN)/python -m bench.load_bench
+
+bench-vad: setup
+	$(BIN)/python -m bench.vad_bench

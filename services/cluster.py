@@ -26,13 +26,9 @@ LITE_PROFILE = {
     "SF_VAD_ENGINE": "fsmn",
     "SF_ASR_ENGINE": "whisper",
     "SF_SPEAKER_ENGINE": "dvector",
-    # Whisper pads every utterance to 30 s, so on a CPU a batch costs about
-    # the sum of its parts: small batches return the first results sooner,
-    # and ASR gets both cores while the other models keep to one thread.
-    "SF_ASR_MAX_BATCH": "4",
+    # ASR gets both cores; the other model processes keep to one thread each.
     "SF_ASR_CPU_THREADS": "2",
-    # A burst of utterances queues for seconds on a laptop CPU.
-    "SF_GATEWAY_ASR_TIMEOUT_S": "60",
+    "SF_ASR_MAX_BATCH": "8",
 }
 
 

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.common.config import load_settings
 from services.common.grpc_service import configure_logging
+from services.common.loop_monitor import LoopLagMonitor
 from services.gateway.compute import ComputeClients
 from services.gateway.config import GatewaySettings
 from services.gateway.connection import serve_device
@@ -38,12 +39,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             hub=hub,
         )
         app.state.ctx = ctx
+        loop_monitor = LoopLagMonitor("gateway")
+        loop_monitor.start()
         vad.start()
         if settings.allow_anonymous:
             log.warning("open mode: devices are accepted without a valid token")
         try:
             yield
         finally:
+            await loop_monitor.stop()
             await vad.stop()
             await ctx.compute.close()
             await ctx.store.close()

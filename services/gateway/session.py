@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import grpc
 import numpy as np
 
 from services.common.audio import SAMPLE_RATE, ms_to_samples, samples_to_ms
@@ -285,8 +286,7 @@ class DeviceSession:
             if previous is not None:
                 await previous
             if isinstance(asr, BaseException):
-                metrics.UTTERANCES.labels("asr_error").inc()
-                log.warning("utterance %s: recognition failed: %s", utterance_id, asr)
+                await self._report_failure(utterance_id, asr)
                 return
             if isinstance(speaker, BaseException):
                 log.warning("utterance %s: speaker check failed: %s", utterance_id, speaker)
@@ -328,6 +328,31 @@ class DeviceSession:
             )
         finally:
             delivered.set_result(None)
+
+    async def _report_failure(self, utterance_id: str, error: BaseException) -> None:
+        """Tell the device its utterance was not recognised, rather than stay silent."""
+        code = error.code() if isinstance(error, grpc.aio.AioRpcError) else None
+        overloaded = code in (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+        reason = "overloaded" if overloaded else "asr_error"
+        metrics.UTTERANCES.labels(reason).inc()
+        log.warning("utterance %s: recognition failed: %s", utterance_id, error)
+        await self._deliver(
+            {
+                "session_id": self.session_id,
+                "type": "alert",
+                "status": "error",
+                "message": "speech service busy, please try again"
+                if overloaded
+                else "speech recognition failed",
+                "emotion": "sad",
+                "utterance_id": utterance_id,
+                "reason": reason,
+            }
+        )
 
     async def _transcribe(self, pcm: bytes, utterance_id: str) -> asr_pb2.RecognizeResponse:
         settings = self.ctx.settings

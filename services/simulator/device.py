@@ -185,12 +185,18 @@ class SimulatedDevice:
         ``marks`` names sample offsets; the send time of the frame holding
         each is returned (used to time the last voiced frame of an utterance).
         """
+        frame_marks = {offset // FRAME_SAMPLES: name for offset, name in (marks or {}).items()}
+        return await self.stream_packets(self.encode(samples), frame_marks)
+
+    async def stream_packets(
+        self, packets: list[bytes], marks: dict[int, str] | None = None
+    ) -> dict[str, float]:
+        """Send already-encoded packets at the configured pace; ``marks`` by packet index."""
         assert self._ws is not None
-        packets = self.encode(samples)
         frame_s = FRAME_MS / 1000 / self.config.speed
         started = time.monotonic()
         sent_at: dict[str, float] = {}
-        mark_frames = {offset // FRAME_SAMPLES: name for offset, name in (marks or {}).items()}
+        marks = marks or {}
         for index, packet in enumerate(packets):
             delay = started + index * frame_s - time.monotonic()
             if delay > 0:
@@ -199,8 +205,8 @@ class SimulatedDevice:
                 self.config.protocol_version, packet, PayloadType.OPUS, index * FRAME_MS
             )
             await self._ws.send(frame)
-            if index in mark_frames:
-                sent_at[mark_frames[index]] = time.monotonic()
+            if index in marks:
+                sent_at[marks[index]] = time.monotonic()
         return sent_at
 
     # -- scenarios ---------------------------------------------------------

@@ -1,0 +1,300 @@
+"""End-to-end load benchmark: the batched cluster against a per-session baseline.
+
+For each design the whole local cluster is started (real processes, lite
+profile), then for each N in the sweep, N simulated devices talk at once for
+a fixed time: real Opus at real-time pace, each utterance followed by a pause
+that gives the configured speaking duty cycle. Reported per (design, N):
+p50/p95/p99 of processing latency (VAD end decision -> stt sent, from the
+gateway's timing field) and of user-perceived latency (last voiced frame sent
+-> stt received), utterances/s, errors, and CPU seconds per second of each
+service. The baseline mimics today's per-session servers on the same models:
+one funasr VAD call per session per frame, one ASR and one speaker call per
+utterance (no batching).
+
+    .venv/bin/python -m bench.load_bench --devices 4,8,16,24 --seconds 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from services.cluster import ClusterPorts, LocalCluster
+from services.common.audio import write_wav
+from services.simulator.device import FRAME_SAMPLES, DeviceConfig, SimulatedDevice
+from services.simulator.speech import silence, synthesize, trim_silence
+
+TOKEN, ADMIN = "bench-token", "bench-admin"
+
+DESIGNS: dict[str, dict[str, str]] = {
+    "batched": {},
+    "per-session": {
+        "SF_VAD_ENGINE": "fsmn-stream",
+        "SF_VAD_TICK_MS": "10",
+        "SF_ASR_MAX_BATCH": "1",
+        "SF_SPEAKER_MAX_BATCH": "1",
+    },
+}
+
+SENTENCES = [
+    "turn on the kitchen lights",
+    "what is the weather like tomorrow",
+    "play some jazz music",
+    "how far is the moon from the earth",
+    "close the curtains in the bedroom",
+    "tell me a funny story",
+    "open the front door",
+    "what is the capital of france",
+    "switch off the radio",
+    "read me the latest news",
+]
+VOICES = ["en", "en+f3", "en+m7", "en-us+f5"]
+
+
+@dataclass
+class Clip:
+    packets: list[bytes]
+    # Index of the packet holding the last voiced sample.
+    last_voiced: int
+
+
+@dataclass
+class StepResult:
+    design: str
+    devices: int
+    seconds: float
+    duty_cycle: float
+    utterances_sent: int = 0
+    utterances_recognised: int = 0
+    errors: int = 0
+    utterances_per_s: float = 0.0
+    processing_ms: dict[str, float] = field(default_factory=dict)
+    user_perceived_ms: dict[str, float] = field(default_factory=dict)
+    cpu_per_s: dict[str, float] = field(default_factory=dict)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {"p50": round(float(p50), 1), "p95": round(float(p95), 1), "p99": round(float(p99), 1)}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def build_clips(encoder: SimulatedDevice) -> tuple[list[Clip], bytes]:
+    clips = []
+    for i, sentence in enumerate(SENTENCES):
+        speech = trim_silence(synthesize(sentence, VOICES[i % len(VOICES)]))
+        packets = encoder.encode(speech)
+        clips.append(Clip(packets, (speech.size - 1) // FRAME_SAMPLES))
+    quiet = encoder.encode(silence(FRAME_SAMPLES / 16000))[0]
+    return clips, quiet
+
+
+async def run_device(
+    cluster: LocalCluster,
+    clips: list[Clip],
+    quiet: bytes,
+    seconds: float,
+    duty: float,
+    seed: int,
+) -> tuple[int, list[dict[str, Any]], dict[str, float]]:
+    rng = random.Random(seed)
+    device = SimulatedDevice(
+        DeviceConfig(url=cluster.device_url, token=TOKEN, device_id=f"bench-{seed}")
+    )
+    await device.connect()
+    packets: list[bytes] = [quiet] * rng.randint(3, 30)  # stagger the devices
+    marks: dict[int, str] = {}
+    frames_total = int(seconds * 1000 / 60)
+    count = 0
+    while len(packets) < frames_total:
+        clip = clips[rng.randrange(len(clips))]
+        last_voiced = len(packets) + clip.last_voiced
+        marks[last_voiced] = str(last_voiced)
+        packets.extend(clip.packets)
+        pause = max(17, round(len(clip.packets) * (1 - duty) / duty))  # >= 1 s of silence
+        packets.extend([quiet] * pause)
+        count += 1
+    await device.listen("start", "auto")
+    sent_at = await device.stream_packets(packets, marks)
+    answers: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 30
+    while len(answers) < count and time.monotonic() < deadline:
+        try:
+            message = await asyncio.wait_for(device.messages.get(), deadline - time.monotonic())
+        except TimeoutError:
+            break
+        if message.get("type") in ("stt", "alert"):
+            answers.append(message)
+    await device.close()
+    return count, answers, sent_at
+
+
+async def run_step(
+    cluster: LocalCluster, design: str, devices: int, seconds: float, duty: float
+) -> StepResult:
+    encoder = SimulatedDevice(DeviceConfig(url=cluster.device_url))
+    clips, quiet = build_clips(encoder)
+    pids = {name: proc.process.pid for name, proc in cluster.processes.items()}
+    pids["load-generator"] = os.getpid()
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    started = time.monotonic()
+    runs = await asyncio.gather(
+        *(run_device(cluster, clips, quiet, seconds, duty, seed) for seed in range(devices))
+    )
+    wall = time.monotonic() - started
+    result = StepResult(design, devices, seconds, duty)
+    result.cpu_per_s = {
+        name: round((cpu_seconds(pid) - cpu_before[name]) / wall, 3) for name, pid in pids.items()
+    }
+    processing, perceived = [], []
+    for count, answers, sent_at in runs:
+        result.utterances_sent += count
+        # Marks are packet indexes: the voiced end in session audio time, as stt reports it.
+        marks_ms = {name: (int(name) + 1) * 60 for name in sent_at}
+        matched: set[str] = set()
+        for message in answers:
+            if message["type"] != "stt":
+                result.errors += 1
+                continue
+            result.utterances_recognised += 1
+            processing.append(float(message["timing"]["processing_ms"]))
+            end_ms = int(message["timing"]["end_ms"])
+            name = min(marks_ms, key=lambda n: abs(marks_ms[n] - end_ms))
+            if name not in matched and abs(marks_ms[name] - end_ms) < 1000:
+                matched.add(name)
+                perceived.append((message["_received_at"] - sent_at[name]) * 1000)
+        result.errors += max(0, count - len(answers))
+    result.utterances_per_s = round(result.utterances_recognised / wall, 3)
+    result.processing_ms = percentiles(processing)
+    result.user_perceived_ms = percentiles(perceived)
+    return result
+
+
+def enrol_speakers(cluster: LocalCluster, devices: int) -> None:
+    """Give every device a voiceprint so each utterance also asks the speaker service."""
+    wav = write_wav(np.concatenate([synthesize(" ".join(SENTENCES[:3]), "en+m7"), silence(0.2)]))
+    for seed in range(devices):
+        reply = httpx.post(
+            f"{cluster.gateway_url}/v1/devices/bench-{seed}/speakers",
+            headers={"Authorization": f"Bearer {ADMIN}"},
+            data={"name": "bench"},
+            files={"audio": ("a.wav", wav, "audio/wav")},
+            timeout=60,
+        )
+        reply.raise_for_status()
+
+
+def largest_within(results: list[StepResult], design: str, target_ms: float) -> int:
+    ok = [
+        r.devices
+        for r in results
+        if r.design == design
+        and r.user_perceived_ms
+        and r.user_perceived_ms["p95"] <= target_ms
+        and r.errors == 0
+    ]
+    return max(ok, default=0)
+
+
+def plot(results: list[StepResult], path: Path, target_ms: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for design, colour in zip(DESIGNS, ("tab:blue", "tab:red"), strict=False):
+        rows = sorted((r for r in results if r.design == design), key=lambda r: r.devices)
+        n = [r.devices for r in rows]
+        for pct, style in (("p50", ":"), ("p95", "-"), ("p99", "--")):
+            lat.plot(
+                n,
+                [r.user_perceived_ms.get(pct, np.nan) / 1000 for r in rows],
+                style,
+                color=colour,
+                marker="o",
+                label=f"{design} {pct}",
+            )
+        thr.plot(n, [r.utterances_per_s for r in rows], "-o", color=colour, label=design)
+    lat.axhline(target_ms / 1000, color="grey", linewidth=0.8, label="p95 target")
+    lat.set(xlabel="concurrent devices", ylabel="user-perceived latency (s)", yscale="log")
+    lat.legend(fontsize=7)
+    thr.set(xlabel="concurrent devices", ylabel="utterances recognised / s")
+    thr.legend()
+    fig.suptitle("speechfront lite profile: batched cluster vs per-session baseline")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    sweep = [int(n) for n in args.devices.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[StepResult] = []
+    for design in args.designs.split(","):
+        extra = {
+            "SF_GATEWAY_AUTH_TOKENS": TOKEN,
+            "SF_GATEWAY_ADMIN_TOKEN": ADMIN,
+            "SF_GATEWAY_MAX_INFLIGHT_UTTERANCES": "16",
+            **DESIGNS[design],
+        }
+        run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{design}-"))
+        cluster = LocalCluster(run_dir, ClusterPorts(), extra_env=extra)
+        cluster.start()
+        try:
+            enrol_speakers(cluster, max(sweep))
+            for devices in sweep:
+                step = await run_step(cluster, design, devices, args.seconds, args.duty)
+                results.append(step)
+                print(json.dumps(asdict(step)), flush=True)
+                if step.user_perceived_ms.get("p50", 0) > 4 * args.target_ms:
+                    print(f"{design}: saturated at {devices} devices; stopping its sweep")
+                    break
+        finally:
+            cluster.stop()
+    summary = {
+        "target_p95_user_perceived_ms": args.target_ms,
+        "largest_devices_within_target": {
+            d: largest_within(results, d, args.target_ms) for d in DESIGNS if d in args.designs
+        },
+    }
+    batched, baseline = (summary["largest_devices_within_target"].get(d, 0) for d in DESIGNS)
+    summary["ratio"] = round(batched / baseline, 2) if baseline else None
+    (out / "load_bench.json").write_text(
+        json.dumps({"summary": summary, "steps": [asdict(r) for r in results]}, indent=2)
+    )
+    plot(results, out / "load_bench.png", args.target_ms)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out / 'load_bench.json'} and {out / 'load_bench.png'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", default="2,4,8,12,16,24,32", help="sweep of N")
+    parser.add_argument("--seconds", type=float, default=45.0, help="talk time per step")
+    parser.add_argument("--duty", type=float, default=0.3, help="fraction of time speaking")
+    parser.add_argument("--target-ms", type=float, default=2000.0, help="p95 user-perceived")
+    parser.add_argument("--designs", default=",".join(DESIGNS))
+    parser.add_argument("--out", default="bench-results")
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
