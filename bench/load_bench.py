@@ -82,6 +82,8 @@ class StepResult:
     processing_ms: dict[str, float] = field(default_factory=dict)
     user_perceived_ms: dict[str, float] = field(default_factory=dict)
     cpu_per_s: dict[str, float] = field(default_factory=dict)
+    # Share of 100 ms loop timers that fired more than 50 ms late on the gateway.
+    gateway_loop_lag_over_50ms: float = 0.0
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -89,6 +91,22 @@ def percentiles(values: list[float]) -> dict[str, float]:
         return {}
     p50, p95, p99 = np.percentile(values, [50, 95, 99])
     return {"p50": round(float(p50), 1), "p95": round(float(p95), 1), "p99": round(float(p99), 1)}
+
+
+def histogram_counts(url: str, name: str) -> dict[str, float]:
+    """Cumulative bucket counts of one histogram series from a /metrics page."""
+    counts: dict[str, float] = {}
+    for line in httpx.get(url, timeout=10).text.splitlines():
+        if line.startswith(f"{name}_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            counts[le] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def share_over(before: dict[str, float], after: dict[str, float], bound: str) -> float:
+    total = after.get("+Inf", 0) - before.get("+Inf", 0)
+    within = after.get(bound, 0) - before.get(bound, 0)
+    return round(1 - within / total, 4) if total else 0.0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -106,6 +124,16 @@ def build_clips(encoder: SimulatedDevice) -> tuple[list[Clip], bytes]:
     return clips, quiet
 
 
+@dataclass
+class DeviceRun:
+    utterances: int
+    answers: list[dict[str, Any]]
+    # Packet index of each utterance's last voiced frame -> when it was sent.
+    sent_at: dict[str, float]
+    # Set when the gateway closed the connection (load shedding) or it failed.
+    close: str | None = None
+
+
 async def run_device(
     cluster: LocalCluster,
     clips: list[Clip],
@@ -113,12 +141,12 @@ async def run_device(
     seconds: float,
     duty: float,
     seed: int,
-) -> tuple[int, list[dict[str, Any]], dict[str, float]]:
+) -> DeviceRun:
+    """One device talking for ``seconds``: utterances with pauses, then its answers."""
     rng = random.Random(seed)
     device = SimulatedDevice(
         DeviceConfig(url=cluster.device_url, token=TOKEN, device_id=f"bench-{seed}")
     )
-    await device.connect()
     packets: list[bytes] = [quiet] * rng.randint(3, 30)  # stagger the devices
     marks: dict[int, str] = {}
     frames_total = int(seconds * 1000 / 60)
@@ -131,19 +159,24 @@ async def run_device(
         pause = max(17, round(len(clip.packets) * (1 - duty) / duty))  # >= 1 s of silence
         packets.extend([quiet] * pause)
         count += 1
-    await device.listen("start", "auto")
-    sent_at = await device.stream_packets(packets, marks)
-    answers: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 30
-    while len(answers) < count and time.monotonic() < deadline:
-        try:
-            message = await asyncio.wait_for(device.messages.get(), deadline - time.monotonic())
-        except TimeoutError:
-            break
-        if message.get("type") in ("stt", "alert"):
-            answers.append(message)
-    await device.close()
-    return count, answers, sent_at
+    run = DeviceRun(count, [], {})
+    try:
+        await device.connect()
+        await device.listen("start", "auto")
+        run.sent_at = await device.stream_packets(packets, marks)
+        deadline = time.monotonic() + 30
+        while len(run.answers) < count and time.monotonic() < deadline:
+            remaining = deadline - time.monotonic()
+            message = await asyncio.wait_for(device.messages.get(), remaining)
+            if message.get("type") in ("stt", "alert"):
+                run.answers.append(message)
+    except TimeoutError:
+        pass
+    except Exception as exc:
+        run.close = f"{device.close_code} {device.close_reason}" if device.close_code else repr(exc)
+    finally:
+        await device.close()
+    return run
 
 
 async def run_step(
@@ -154,33 +187,37 @@ async def run_step(
     pids = {name: proc.process.pid for name, proc in cluster.processes.items()}
     pids["load-generator"] = os.getpid()
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    metrics_url = f"{cluster.gateway_url}/metrics"
+    lag_before = histogram_counts(metrics_url, "speechfront_event_loop_lag_seconds")
     started = time.monotonic()
     runs = await asyncio.gather(
         *(run_device(cluster, clips, quiet, seconds, duty, seed) for seed in range(devices))
     )
     wall = time.monotonic() - started
     result = StepResult(design, devices, seconds, duty)
+    lag_after = histogram_counts(metrics_url, "speechfront_event_loop_lag_seconds")
+    result.gateway_loop_lag_over_50ms = share_over(lag_before, lag_after, "0.05")
     result.cpu_per_s = {
         name: round((cpu_seconds(pid) - cpu_before[name]) / wall, 3) for name, pid in pids.items()
     }
     processing, perceived = [], []
-    for count, answers, sent_at in runs:
-        result.utterances_sent += count
+    for run in runs:
+        result.utterances_sent += run.utterances
         # Marks are packet indexes: the voiced end in session audio time, as stt reports it.
-        marks_ms = {name: (int(name) + 1) * 60 for name in sent_at}
+        marks_ms = {name: (int(name) + 1) * 60 for name in run.sent_at}
         matched: set[str] = set()
-        for message in answers:
+        for message in run.answers:
             if message["type"] != "stt":
                 result.errors += 1
                 continue
             result.utterances_recognised += 1
             processing.append(float(message["timing"]["processing_ms"]))
             end_ms = int(message["timing"]["end_ms"])
-            name = min(marks_ms, key=lambda n: abs(marks_ms[n] - end_ms))
-            if name not in matched and abs(marks_ms[name] - end_ms) < 1000:
+            name = min(marks_ms, key=lambda n: abs(marks_ms[n] - end_ms), default=None)
+            if name is not None and name not in matched and abs(marks_ms[name] - end_ms) < 1000:
                 matched.add(name)
-                perceived.append((message["_received_at"] - sent_at[name]) * 1000)
-        result.errors += max(0, count - len(answers))
+                perceived.append((message["_received_at"] - run.sent_at[name]) * 1000)
+        result.errors += max(0, run.utterances - len(run.answers))
     result.utterances_per_s = round(result.utterances_recognised / wall, 3)
     result.processing_ms = percentiles(processing)
     result.user_perceived_ms = percentiles(perceived)
