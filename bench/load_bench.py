@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +38,7 @@ from services.simulator.device import FRAME_SAMPLES, DeviceConfig, SimulatedDevi
 from services.simulator.speech import silence, synthesize, trim_silence
 
 TOKEN, ADMIN = "bench-token", "bench-admin"
+HAS_GPU = shutil.which("nvidia-smi") is not None
 
 DESIGNS: dict[str, dict[str, str]] = {
     "batched": {},
@@ -84,6 +87,8 @@ class StepResult:
     cpu_per_s: dict[str, float] = field(default_factory=dict)
     # Share of 100 ms loop timers that fired more than 50 ms late on the gateway.
     gateway_loop_lag_over_50ms: float = 0.0
+    # Only where nvidia-smi exists: mean utilisation and peak memory during the step.
+    gpu: dict[str, float] = field(default_factory=dict)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -107,6 +112,23 @@ def share_over(before: dict[str, float], after: dict[str, float], bound: str) ->
     total = after.get("+Inf", 0) - before.get("+Inf", 0)
     within = after.get(bound, 0) - before.get(bound, 0)
     return round(1 - within / total, 4) if total else 0.0
+
+
+async def sample_gpu(samples: list[tuple[float, float]], stop: asyncio.Event) -> None:
+    """(utilisation %, memory MiB) once a second while a step runs, where a GPU exists."""
+    while not stop.is_set():
+        proc = await asyncio.create_subprocess_exec(
+            "nvidia-smi",
+            "--query-gpu=utilization.gpu,memory.used",
+            "--format=csv,noheader,nounits",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await proc.communicate()
+        for line in out.decode().splitlines():
+            util, memory = (float(v) for v in line.split(","))
+            samples.append((util, memory))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -189,14 +211,25 @@ async def run_step(
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     metrics_url = f"{cluster.gateway_url}/metrics"
     lag_before = histogram_counts(metrics_url, "speechfront_event_loop_lag_seconds")
+    gpu_samples: list[tuple[float, float]] = []
+    gpu_stop = asyncio.Event()
+    gpu_task = asyncio.create_task(sample_gpu(gpu_samples, gpu_stop)) if HAS_GPU else None
     started = time.monotonic()
     runs = await asyncio.gather(
         *(run_device(cluster, clips, quiet, seconds, duty, seed) for seed in range(devices))
     )
     wall = time.monotonic() - started
+    gpu_stop.set()
+    if gpu_task is not None:
+        await gpu_task
     result = StepResult(design, devices, seconds, duty)
     lag_after = histogram_counts(metrics_url, "speechfront_event_loop_lag_seconds")
     result.gateway_loop_lag_over_50ms = share_over(lag_before, lag_after, "0.05")
+    if gpu_samples:
+        result.gpu = {
+            "utilisation_mean_pct": round(float(np.mean([u for u, _ in gpu_samples])), 1),
+            "memory_peak_mib": max(m for _, m in gpu_samples),
+        }
     result.cpu_per_s = {
         name: round((cpu_seconds(pid) - cpu_before[name]) / wall, 3) for name, pid in pids.items()
     }

@@ -199,6 +199,7 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
         )
         metrics.MODEL_SECONDS.labels(self._service).observe(model_s)
         metrics.AUDIO_SECONDS.labels(self._service).inc(sum(i.audio_seconds for i in batch))
+        metrics.record_gpu_memory(self._service)
         for item, result in zip(batch, results, strict=True):
             queue_s = started - item.enqueued
             metrics.QUEUE_WAIT_SECONDS.labels(self._service).observe(queue_s)

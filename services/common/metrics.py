@@ -7,6 +7,8 @@ or a reason, never a device or session id.
 
 from __future__ import annotations
 
+import sys
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
@@ -52,6 +54,22 @@ AUDIO_SECONDS = Counter(
     "Seconds of audio processed, by service.",
     ["service"],
 )
+
+
+GPU_MEMORY_BYTES = Gauge(
+    "speechfront_gpu_memory_bytes",
+    "GPU memory held by this service's model (allocated, and the peak since start).",
+    ["service", "kind"],
+)
+
+
+def record_gpu_memory(service: str) -> None:
+    """Update the GPU memory gauges when this process has put a model on a GPU."""
+    torch = sys.modules.get("torch")  # never import torch just to find out
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return
+    GPU_MEMORY_BYTES.labels(service, "allocated").set(torch.cuda.memory_allocated())
+    GPU_MEMORY_BYTES.labels(service, "peak").set(torch.cuda.max_memory_allocated())
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0") -> None:

@@ -57,14 +57,14 @@ _LFR_M = 7
 _LFR_N = 6
 
 
-def _sensevoice_config(n_blocks: int, tp_blocks: int, width: int) -> str:
+def _sensevoice_config(n_blocks: int, tp_blocks: int, width: int, heads: int, ffn: int) -> str:
     # Same keys and component names as the real config.yaml; only the sizes shrink.
     return f"""\
 encoder: SenseVoiceEncoderSmall
 encoder_conf:
     output_size: {width}
-    attention_heads: 2
-    linear_units: {width * 2}
+    attention_heads: {heads}
+    linear_units: {ffn}
     num_blocks: {n_blocks}
     tp_blocks: {tp_blocks}
     dropout_rate: 0.1
@@ -140,12 +140,25 @@ def _train_bpe(path: Path, vocab_size: int) -> None:
     path.write_bytes(model.getvalue())
 
 
+# SenseVoiceSmall's published encoder sizes (234 M parameters with its 25 055-token vocabulary).
+SENSEVOICE_SMALL_SIZES = {
+    "n_blocks": 50,
+    "tp_blocks": 20,
+    "width": 512,
+    "heads": 4,
+    "ffn": 2048,
+    "vocab_size": 25055,
+}
+
+
 def write_tiny_sensevoice(
     directory: Path,
     *,
     n_blocks: int = 2,
     tp_blocks: int = 1,
     width: int = 32,
+    heads: int = 2,
+    ffn: int | None = None,
     vocab_size: int = 120,
     seed: int = 0,
 ) -> Path:
@@ -156,7 +169,10 @@ def write_tiny_sensevoice(
     rng = np.random.default_rng(seed)
     _train_bpe(directory / SENSEVOICE_BPE, vocab_size)
     _write_am_mvn(directory / "am.mvn", _N_MELS * _LFR_M, rng)
-    (directory / "config.yaml").write_text(_sensevoice_config(n_blocks, tp_blocks, width))
+    ffn = width * 2 if ffn is None else ffn
+    (directory / "config.yaml").write_text(
+        _sensevoice_config(n_blocks, tp_blocks, width, heads, ffn)
+    )
     (directory / "configuration.json").write_text(
         json.dumps(
             {
@@ -180,8 +196,8 @@ def write_tiny_sensevoice(
         encoder="SenseVoiceEncoderSmall",
         encoder_conf={
             "output_size": width,
-            "attention_heads": 2,
-            "linear_units": width * 2,
+            "attention_heads": heads,
+            "linear_units": ffn,
             "num_blocks": n_blocks,
             "tp_blocks": tp_blocks,
             "kernel_size": 11,
