@@ -73,7 +73,29 @@ class ClusterError(RuntimeError):
     pass
 
 
+COMPUTE_SERVICES = ("vad", "asr", "speaker")
+
+
+@dataclass(frozen=True)
+class Replica:
+    service: str
+    index: int
+    port: int
+    metrics_port: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.service if self.index == 0 else f"{self.service}-{self.index}"
+
+
 class LocalCluster:
+    """Redis, N replicas of each service, and (with several gateways) a TCP front.
+
+    The first replica of each service uses ``ports``; further replicas get free
+    ports. With several gateways, devices connect to the front on
+    ``ports.gateway`` and the gateways listen on ports of their own.
+    """
+
     def __init__(
         self,
         run_dir: Path,
@@ -81,6 +103,7 @@ class LocalCluster:
         profile: dict[str, str] | None = None,
         extra_env: dict[str, str] | None = None,
         host: str = "127.0.0.1",
+        replicas: dict[str, int] | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.ports = ports or ClusterPorts()
@@ -88,6 +111,22 @@ class LocalCluster:
         self._profile = LITE_PROFILE if profile is None else profile
         self._extra_env = extra_env or {}
         self.processes: dict[str, ServiceProcess] = {}
+        counts = {"gateway": 1, **{s: 1 for s in COMPUTE_SERVICES}, **(replicas or {})}
+        p = self.ports
+        first = {
+            "vad": (p.vad, p.vad_metrics),
+            "asr": (p.asr, p.asr_metrics),
+            "speaker": (p.speaker, p.speaker_metrics),
+            # Behind the front, the first gateway needs a port of its own.
+            "gateway": (p.gateway if counts["gateway"] == 1 else free_port(), 0),
+        }
+        self.replicas: dict[str, list[Replica]] = {
+            service: [
+                Replica(service, i, *(first[service] if i == 0 else (free_port(), free_port())))
+                for i in range(counts[service])
+            ]
+            for service in ("vad", "asr", "speaker", "gateway")
+        }
 
     @property
     def gateway_url(self) -> str:
@@ -101,8 +140,11 @@ class LocalCluster:
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.ports.redis}/0"
 
-    def env(self) -> dict[str, str]:
-        p = self.ports
+    def target(self, service: str) -> str:
+        """The gRPC target the gateways use: every replica, balanced client-side."""
+        return ",".join(f"127.0.0.1:{r.port}" for r in self.replicas[service])
+
+    def env(self, replica: Replica | None = None) -> dict[str, str]:
         env = dict(os.environ)
         # Several model processes share the machine's cores; one thread each
         # keeps them from oversubscribing it.
@@ -110,23 +152,20 @@ class LocalCluster:
         env.update(self._profile)
         env.update(
             {
-                "SF_VAD_HOST": self.host,
-                "SF_VAD_PORT": str(p.vad),
-                "SF_VAD_METRICS_PORT": str(p.vad_metrics),
-                "SF_ASR_HOST": self.host,
-                "SF_ASR_PORT": str(p.asr),
-                "SF_ASR_METRICS_PORT": str(p.asr_metrics),
-                "SF_SPEAKER_HOST": self.host,
-                "SF_SPEAKER_PORT": str(p.speaker),
-                "SF_SPEAKER_METRICS_PORT": str(p.speaker_metrics),
-                "SF_GATEWAY_HOST": self.host,
-                "SF_GATEWAY_PORT": str(p.gateway),
                 "SF_GATEWAY_REDIS_URL": self.redis_url,
-                "SF_GATEWAY_VAD_TARGET": f"127.0.0.1:{p.vad}",
-                "SF_GATEWAY_ASR_TARGET": f"127.0.0.1:{p.asr}",
-                "SF_GATEWAY_SPEAKER_TARGET": f"127.0.0.1:{p.speaker}",
+                "SF_GATEWAY_VAD_TARGET": self.target("vad"),
+                "SF_GATEWAY_ASR_TARGET": self.target("asr"),
+                "SF_GATEWAY_SPEAKER_TARGET": self.target("speaker"),
             }
         )
+        if replica is not None:
+            prefix = f"SF_{replica.service.upper()}_"
+            env[prefix + "HOST"] = self.host
+            env[prefix + "PORT"] = str(replica.port)
+            if replica.service != "gateway":
+                env[prefix + "METRICS_PORT"] = str(replica.metrics_port)
+            else:
+                env[prefix + "GATEWAY_ID"] = replica.name
         env.update(self._extra_env)
         return env
 
@@ -134,21 +173,43 @@ class LocalCluster:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._start_redis()
-            for name in ("vad", "asr", "speaker"):
-                self._spawn(name, [sys.executable, "-m", "services.cli", name])
+            for service in COMPUTE_SERVICES:
+                for replica in self.replicas[service]:
+                    self._spawn_replica(replica)
             deadline = time.monotonic() + timeout
             self._wait_redis(deadline)
-            for name, port in (
-                ("vad", self.ports.vad),
-                ("asr", self.ports.asr),
-                ("speaker", self.ports.speaker),
-            ):
-                self._wait_grpc(name, port, deadline)
-            self._spawn("gateway", [sys.executable, "-m", "services.cli", "gateway"])
-            self._wait_http("gateway", f"{self.gateway_url}/readyz", deadline)
+            for service in COMPUTE_SERVICES:
+                for replica in self.replicas[service]:
+                    self._wait_grpc(replica.name, replica.port, deadline)
+            for replica in self.replicas["gateway"]:
+                self._spawn_replica(replica)
+            for replica in self.replicas["gateway"]:
+                url = f"http://127.0.0.1:{replica.port}/readyz"
+                self._wait_http(replica.name, url, deadline)
+            if len(self.replicas["gateway"]) > 1:
+                backends = ",".join(f"127.0.0.1:{r.port}" for r in self.replicas["gateway"])
+                argv = [sys.executable, "-m", "services.front"]
+                self._spawn(
+                    "front", [*argv, "--listen", str(self.ports.gateway), "--backends", backends]
+                )
+                self._wait_http("front", f"{self.gateway_url}/healthz", deadline)
         except BaseException:
             self.stop()
             raise
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process, as a node failure would."""
+        proc = self.processes[name].process
+        proc.kill()
+        proc.wait(10)
+
+    def add_replica(self, service: str, timeout: float = 120.0) -> Replica:
+        """Start one more replica of a compute service on fresh ports and wait for it."""
+        replica = Replica(service, len(self.replicas[service]), free_port(), free_port())
+        self.replicas[service].append(replica)
+        self._spawn_replica(replica)
+        self._wait_grpc(replica.name, replica.port, time.monotonic() + timeout)
+        return replica
 
     def stop(self, timeout: float = 20.0) -> None:
         for proc in reversed(list(self.processes.values())):
@@ -188,12 +249,16 @@ class LocalCluster:
             ],
         )  # fmt: skip
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn_replica(self, replica: Replica) -> None:
+        argv = [sys.executable, "-m", "services.cli", replica.service]
+        self._spawn(replica.name, argv, self.env(replica))
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         log_path = self.run_dir / f"{name}.log"
-        log = log_path.open("wb")
+        log = log_path.open("ab")
         process = subprocess.Popen(
             argv,
-            env=self.env(),
+            env=env or self.env(),
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parents[1],

@@ -19,7 +19,7 @@ from services.gateway.connection import serve_device
 from services.gateway.session import GatewayContext, SessionHub
 from services.gateway.speakers_api import router as speakers_router
 from services.gateway.store import SessionStore
-from services.gateway.vad_client import VadStreamClient
+from services.gateway.vad_router import VadRouter
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         hub = SessionHub()
-        vad = VadStreamClient(settings.vad_target, hub.on_vad_event, hub.on_vad_reconnect)
+        vad = VadRouter(settings.vad_target, hub.on_vad_event, hub.on_vad_lost)
         ctx = GatewayContext(
             settings=settings,
             store=SessionStore(settings.redis_url, settings.session_ttl_s),
@@ -68,7 +68,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
         ctx: GatewayContext = request.app.state.ctx
-        checks = {"vad": ctx.vad.connected.is_set(), "redis": await ctx.store.ping()}
+        checks = {"vad": ctx.vad.any_connected, "redis": await ctx.store.ping()}
         ready = all(checks.values())
         return JSONResponse(
             {"ready": ready, "checks": checks, "sessions": len(ctx.hub.sessions)},

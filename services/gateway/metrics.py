@@ -39,3 +39,7 @@ SPEAKER_MATCHES = Counter(
     "Utterances checked against enrolled voiceprints, by outcome.",
     ["outcome"],
 )
+VAD_REPLAYS = Counter(
+    "speechfront_gateway_vad_replays_total",
+    "Sessions re-pinned to another VAD replica, with their unfinished audio replayed.",
+)

@@ -32,11 +32,18 @@ from services.gateway.errors import INVALID_PAYLOAD, ConnectionRejected
 from services.gateway.messages import LISTEN_MODES, LISTEN_STATES
 from services.gateway.store import SessionStore
 from services.gateway.vad_client import VadStreamClient
+from services.gateway.vad_router import VadRouter
 from services.protos import asr_pb2, vad_pb2
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Audio replayed to a new VAD replica goes in device-sized (60 ms) frames.
+REPLAY_FRAME_SAMPLES = SAMPLE_RATE * 60 // 1000
+# Without a known speech start, replay this much so a start the lost replica
+# had not yet reported is found again.
+REPLAY_LOOKBACK = 2 * SAMPLE_RATE
+
 SendJson = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -47,7 +54,7 @@ class GatewayContext:
     settings: GatewaySettings
     store: SessionStore
     compute: ComputeClients
-    vad: VadStreamClient
+    vad: VadRouter
     hub: SessionHub
 
 
@@ -77,9 +84,16 @@ class SessionHub:
         if session is not None:
             session.on_vad_event(event)
 
-    def on_vad_reconnect(self) -> None:
+    def on_vad_lost(self, client: VadStreamClient) -> None:
         for session in list(self.sessions.values()):
-            session.restart_vad_stream()
+            session.on_vad_lost(client)
+
+
+@dataclass
+class _VadStream:
+    client: VadStreamClient
+    speech_start: int | None = None
+    stopped_at: int | None = None
 
 
 class DeviceSession:
@@ -102,11 +116,14 @@ class DeviceSession:
         # Room for the longest utterance plus what VAD looks back before a start.
         self._buffer = UtteranceBuffer(self._max_utterance + 2 * SAMPLE_RATE)
         self.mode: str | None = None
-        # VAD streams still open for this session -> start of speech in progress.
-        # A stopped listen period's stream stays here until VAD confirms it closed,
-        # so its last END is not lost when a new period has already begun.
-        self._streams: dict[str, int | None] = {}
+        # VAD streams still open for this session. A stopped listen period's
+        # stream stays here until VAD confirms it closed, so its last END is
+        # not lost when a new period has already begun.
+        self._streams: dict[str, _VadStream] = {}
         self._stream_id: str | None = None
+        # Replays after a VAD replica loss never reach back past this point,
+        # so no finished utterance is recognised twice.
+        self._replay_floor = 0
         self._stream_count = 0
         self._frame_seq = 0
         self._manual_start: int | None = None
@@ -150,6 +167,7 @@ class DeviceSession:
     def _start_listening(self, mode: str) -> None:
         self._stop_listening()
         self.mode = mode
+        self._replay_floor = self._buffer.end
         if mode == "manual":
             self._manual_start = self._buffer.end
         else:
@@ -162,23 +180,30 @@ class DeviceSession:
         self._manual_start = None
         if self._stream_id is not None:
             # Speech in progress ends at the last frame: VAD answers with an end event.
-            self.ctx.vad.close(self._stream_id, flush=True)
+            stream = self._streams[self._stream_id]
+            stream.client.close(self._stream_id, flush=True)
+            stream.stopped_at = self._buffer.end
             self._stream_id = None
         if self.mode is not None:
             self._record({"listening": "0"})
         self.mode = None
 
-    def _open_vad_stream(self) -> None:
+    def _open_vad_stream(
+        self, replay_from: int | None = None, avoid: VadStreamClient | None = None
+    ) -> None:
+        client = self.ctx.vad.pick(self.session_id, avoid=avoid)
         self._stream_count += 1
-        self._stream_id = f"{self.session_id}/{self._stream_count}"
+        self._stream_id = stream_id = f"{self.session_id}/{self._stream_count}"
         self._frame_seq = 0
-        self._streams[self._stream_id] = None
-        self.ctx.hub.bind_stream(self._stream_id, self)
-        self.ctx.vad.open(
-            self._stream_id,
-            start_sample=self._buffer.end,
-            silence_ms=self.ctx.settings.vad_silence_ms,
-        )
+        self._streams[stream_id] = _VadStream(client)
+        self.ctx.hub.bind_stream(stream_id, self)
+        origin = self._buffer.end if replay_from is None else max(replay_from, self._buffer.start)
+        client.open(stream_id, start_sample=origin, silence_ms=self.ctx.settings.vad_silence_ms)
+        step = REPLAY_FRAME_SAMPLES * 2
+        replay = self._buffer.slice(origin, self._buffer.end)
+        for offset in range(0, len(replay), step):
+            self._frame_seq += 1
+            client.send(stream_id, self._frame_seq, replay[offset : offset + step])
 
     def _forget_stream(self, stream_id: str) -> None:
         self._streams.pop(stream_id, None)
@@ -186,13 +211,24 @@ class DeviceSession:
         if stream_id == self._stream_id:
             self._stream_id = None
 
-    def restart_vad_stream(self) -> None:
-        """The VAD connection was lost: carry on with a fresh stream from now."""
-        listening = self._stream_id is not None
-        for stream_id in list(self._streams):
+    def on_vad_lost(self, client: VadStreamClient) -> None:
+        """A VAD replica is gone: re-pin to another and replay the unfinished utterance."""
+        current = self._streams.get(self._stream_id) if self._stream_id else None
+        for stream_id, stream in list(self._streams.items()):
+            if stream.client is not client:
+                continue
+            if stream is not current and stream.speech_start is not None:
+                # A stopped listen period whose end never came: it ended at the stop.
+                end = stream.stopped_at if stream.stopped_at is not None else self._buffer.end
+                self._finish_utterance(stream.speech_start, end, "vad_lost")
             self._forget_stream(stream_id)
-        if listening:
-            self._open_vad_stream()
+        if current is not None and current.client is client:
+            metrics.VAD_REPLAYS.inc()
+            replay_from = current.speech_start
+            if replay_from is None:
+                # Speech may have begun without its start reaching us yet.
+                replay_from = max(self._replay_floor, self._buffer.end - REPLAY_LOOKBACK)
+            self._open_vad_stream(replay_from=replay_from, avoid=client)
 
     # -- audio -----------------------------------------------------------
 
@@ -201,10 +237,11 @@ class DeviceSession:
         self._buffer.append(pcm)
         if self._stream_id is not None:
             self._frame_seq += 1
-            self.ctx.vad.send(self._stream_id, self._frame_seq, pcm)
-            start = self._streams.get(self._stream_id)
+            stream = self._streams[self._stream_id]
+            stream.client.send(self._stream_id, self._frame_seq, pcm)
+            start = stream.speech_start
             if start is not None and self._too_long(start):
-                self._streams[self._stream_id] = self._buffer.end
+                stream.speech_start = self._buffer.end
                 self._finish_utterance(start, self._buffer.end, "max_length")
         elif self._manual_start is not None and self._too_long(self._manual_start):
             start, self._manual_start = self._manual_start, self._buffer.end
@@ -218,30 +255,31 @@ class DeviceSession:
         return True
 
     def on_vad_event(self, event: vad_pb2.SpeechEvent) -> None:
-        stream_id = event.stream_id
-        if stream_id not in self._streams:
+        stream = self._streams.get(event.stream_id)
+        if stream is None:
             return
         kind = event.kind
         if kind == vad_pb2.SpeechEvent.SPEECH_START:
-            self._streams[stream_id] = ms_to_samples(event.offset_ms)
+            stream.speech_start = ms_to_samples(event.offset_ms)
         elif kind == vad_pb2.SpeechEvent.SPEECH_END:
-            start = self._streams[stream_id]
-            self._streams[stream_id] = None
+            start, stream.speech_start = stream.speech_start, None
             if start is not None:
                 self._finish_utterance(start, ms_to_samples(event.offset_ms), "vad")
         elif kind == vad_pb2.SpeechEvent.STREAM_CLOSED:
-            self._forget_stream(stream_id)
+            self._forget_stream(event.stream_id)
         elif kind == vad_pb2.SpeechEvent.STREAM_ERROR:
             log.warning("session %s: VAD refused stream: %s", self.session_id, event.detail)
-            current = stream_id == self._stream_id
-            self._forget_stream(stream_id)
+            current = event.stream_id == self._stream_id
+            replay_from = stream.speech_start
+            self._forget_stream(event.stream_id)
             if current:
-                self._open_vad_stream()
+                self._open_vad_stream(replay_from=replay_from)
 
     # -- utterances --------------------------------------------------------
 
     def _finish_utterance(self, start: int, end: int, cause: str) -> None:
         decided_at = time.monotonic()
+        self._replay_floor = max(self._replay_floor, end)
         pcm = self._buffer.slice(start, end)
         self._buffer.discard_before(min(end, self._buffer.end))
         if len(pcm) // 2 < ms_to_samples(self.ctx.settings.min_utterance_ms):
@@ -425,8 +463,8 @@ class DeviceSession:
         task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
-        for stream_id in list(self._streams):
-            self.ctx.vad.close(stream_id, flush=False)
+        for stream_id, stream in list(self._streams.items()):
+            stream.client.close(stream_id, flush=False)
             self._forget_stream(stream_id)
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=self.ctx.settings.asr_timeout_s * 2)

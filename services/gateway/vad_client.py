@@ -42,13 +42,13 @@ class VadStreamClient:
         self,
         target: str,
         on_event: EventHandler,
-        on_reconnect: Callable[[], None],
+        on_lost: Callable[[VadStreamClient], None],
         max_backlog: int = 20_000,
     ) -> None:
-        self._target = target
+        self.target = target
         self._on_event = on_event
-        # Streams opened on a lost connection are gone; their owners re-open them.
-        self._on_reconnect = on_reconnect
+        # Streams on a lost connection are gone; their owners re-pin and replay.
+        self._on_lost = on_lost
         self._queue: asyncio.Queue[_Op] = asyncio.Queue(maxsize=max_backlog)
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
@@ -84,28 +84,32 @@ class VadStreamClient:
 
     async def _run(self) -> None:
         backoff = 0.1
-        first = True
         while True:
-            if not first:
-                self._drop_queued()
-                self._on_reconnect()
-            first = False
-            channel = open_channel(self._target)
+            channel = open_channel(self.target)
+            was_connected = False
             try:
                 stub = vad_pb2_grpc.VadStub(channel)
-                call = stub.Stream(self._requests())
+                call = stub.Stream(self._requests(), wait_for_ready=True)
+                await asyncio.wait_for(call.wait_for_connection(), 5.0)
                 self.connected.set()
+                was_connected = True
                 backoff = 0.1
                 async for response in call:
                     for event in response.events:
                         self._dispatch(event)
-                log.warning("VAD stream ended by the server; reconnecting")
-            except grpc.aio.AioRpcError as exc:
-                log.warning("VAD stream failed (%s); reconnecting", exc.code())
+                log.warning("VAD stream to %s ended by the server", self.target)
+            except (grpc.aio.AioRpcError, TimeoutError) as exc:
+                if was_connected:
+                    log.warning("VAD stream to %s failed: %s", self.target, exc)
             finally:
                 self.connected.clear()
                 await channel.close()
-            VAD_RECONNECTS.inc()
+            if was_connected:
+                VAD_RECONNECTS.inc()
+                # What was queued for the dead stream is lost with it; the
+                # sessions replay what they need on their new stream.
+                self._drop_queued()
+                self._on_lost(self)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 

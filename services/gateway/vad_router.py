@@ -1,0 +1,113 @@
+"""Pinning sessions to VAD replicas.
+
+VAD is stateful per stream, so each session's audio must go to one replica.
+A session is pinned by rendezvous hashing of its id over the replicas that
+are connected: every gateway agrees on the pin without coordination, and
+losing a replica moves only the sessions that were on it. The target is a
+comma-separated list of ``host:port`` or ``dns:///name:port``; a DNS name
+(a headless Service in Kubernetes) is re-resolved periodically so replicas
+that come and go are picked up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import socket
+from collections.abc import Callable
+
+from services.gateway.vad_client import EventHandler, VadStreamClient
+
+log = logging.getLogger(__name__)
+
+LostHandler = Callable[[VadStreamClient], None]
+
+
+def _score(session_id: str, address: str) -> int:
+    digest = hashlib.blake2b(f"{session_id}|{address}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def parse_target(target: str) -> tuple[list[str], str | None]:
+    """Static addresses, or the DNS name and port to resolve."""
+    if target.startswith("dns:///"):
+        return [], target.removeprefix("dns:///")
+    return [a.strip() for a in target.removeprefix("ipv4:").split(",") if a.strip()], None
+
+
+def resolve(name_port: str) -> list[str]:
+    host, port = name_port.rsplit(":", 1)
+    infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    return sorted({f"{info[4][0]}:{port}" for info in infos})
+
+
+class VadRouter:
+    def __init__(
+        self,
+        target: str,
+        on_event: EventHandler,
+        on_lost: LostHandler,
+        refresh_s: float = 15.0,
+    ) -> None:
+        self._on_event = on_event
+        self._on_lost = on_lost
+        self._refresh_s = refresh_s
+        addresses, self._dns_name = parse_target(target)
+        self.clients: dict[str, VadStreamClient] = {}
+        for address in addresses:
+            self._add(address)
+        self._refresher: asyncio.Task[None] | None = None
+
+    def _add(self, address: str) -> None:
+        self.clients[address] = VadStreamClient(address, self._on_event, self._on_lost)
+
+    def start(self) -> None:
+        for client in self.clients.values():
+            client.start()
+        if self._dns_name is not None:
+            self._refresher = asyncio.create_task(self._refresh_forever(), name="vad-dns")
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        await asyncio.gather(*(client.stop() for client in self.clients.values()))
+
+    @property
+    def any_connected(self) -> bool:
+        return any(client.connected.is_set() for client in self.clients.values())
+
+    def pick(self, session_id: str, avoid: VadStreamClient | None = None) -> VadStreamClient:
+        """The session's replica: highest hash among connected ones (any, if none is)."""
+        if not self.clients:
+            raise RuntimeError("no VAD replicas known yet")
+        candidates = [
+            (address, client)
+            for address, client in self.clients.items()
+            if client.connected.is_set() and client is not avoid
+        ] or list(self.clients.items())
+        return max(candidates, key=lambda item: _score(session_id, item[0]))[1]
+
+    async def _refresh_forever(self) -> None:
+        assert self._dns_name is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                found = await loop.run_in_executor(None, resolve, self._dns_name)
+            except OSError as exc:
+                log.warning("resolving %s failed: %s", self._dns_name, exc)
+                found = list(self.clients)
+            for address in found:
+                if address not in self.clients:
+                    log.info("VAD replica %s appeared", address)
+                    self._add(address)
+                    self.clients[address].start()
+            for address in [a for a in self.clients if a not in found]:
+                log.info("VAD replica %s is gone", address)
+                client = self.clients.pop(address)
+                await client.stop()
+                self._on_lost(client)
+            await asyncio.sleep(self._refresh_s)
