@@ -43,6 +43,10 @@ sysdeps:
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	command -v sox >/dev/null || missing="$$missing sox"; \
 	ldconfig -p | grep -q 'libopus\.so\.0' || missing="$$missing libopus0"; \
+	command -v kubectl >/dev/null || missing="$$missing kubectl"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages:$$missing"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
@@ -87,3 +91,5 @@ bench: setup
 
 bench-vad: setup
 	$(BIN)/python -m bench.vad_bench
+
+include deploy/deploy.mk

@@ -1,0 +1,41 @@
+# Kubernetes deployment targets (included by the main Makefile).
+#   make render   render every overlay to build/k8s/<overlay>.yaml (offline)
+#   make deploy   apply the production (gpu) overlay to the current kubectl context
+#   make images   build the CPU and the CUDA image (needs docker)
+
+OVERLAYS := gpu cpu-lite
+K8S_DIR := deploy/k8s
+K8S_BUILD := build/k8s
+IMAGE ?= registry.example.com/speechfront
+IMAGE_VERSION ?= 0.1.0
+CUDA_BASE_IMAGE ?= nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04
+CUDA_TORCH_INDEX ?= https://download.pytorch.org/whl/cu126
+SCHEMA_CHECK := deploy/schema-check
+
+.PHONY: render deploy images deploy-tools
+
+render: $(addprefix $(K8S_BUILD)/,$(addsuffix .yaml,$(OVERLAYS)))
+
+$(K8S_BUILD)/%.yaml: $(shell find $(K8S_DIR) -type f)
+	mkdir -p $(K8S_BUILD)
+	kubectl kustomize $(K8S_DIR)/overlays/$* > $@.tmp
+	mv $@.tmp $@
+
+deploy:
+	kubectl apply -k $(K8S_DIR)/overlays/gpu
+
+images:
+	docker build -f deploy/docker/Dockerfile -t $(IMAGE):$(IMAGE_VERSION)-cpu .
+	docker build -f deploy/docker/Dockerfile \
+		--build-arg BASE_IMAGE=$(CUDA_BASE_IMAGE) \
+		--build-arg TORCH_INDEX_URL=$(CUDA_TORCH_INDEX) \
+		-t $(IMAGE):$(IMAGE_VERSION)-cuda .
+
+# Gateway API schemas (npm) for the offline manifest tests.
+deploy-tools: $(SCHEMA_CHECK)/node_modules/.installed
+
+$(SCHEMA_CHECK)/node_modules/.installed: $(SCHEMA_CHECK)/package.json $(SCHEMA_CHECK)/package-lock.json
+	npm ci --prefix $(SCHEMA_CHECK) --no-audit --no-fund
+	touch $@
+
+setup: deploy-tools

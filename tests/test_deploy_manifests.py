@@ -1,0 +1,535 @@
+"""The Kubernetes deployment renders offline, matches its schemas and agrees with the code.
+
+Needs `kubectl` (kustomize), `promtool` (Debian `prometheus`), `node` and the
+npm packages of deploy/schema-check (`make deploy-tools`); `make setup`
+installs all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from cloudcoil.models.keda.v1alpha1 import ScaledObject
+from cloudcoil.models.prometheus_operator.v1 import PodMonitor, PrometheusRule, ServiceMonitor
+from pydantic import BaseModel
+from pydantic_settings import BaseSettings
+from support.deploy import (
+    DASHBOARDS,
+    OVERLAYS,
+    REPO,
+    SCHEMA_CHECK,
+    Manifest,
+    Query,
+    autoscaler_queries,
+    by_kind,
+    concrete,
+    dashboard_queries,
+    named,
+    render,
+    rule_groups,
+)
+
+from services.asr.config import AsrSettings
+from services.cli import SERVICES
+from services.gateway.app import create_app
+from services.gateway.config import GatewaySettings
+from services.speaker.config import SpeakerSettings
+from services.vad.config import VadSettings
+
+KUBERNETES_VERSION = "1.30"
+SETTINGS: dict[str, type[BaseSettings]] = {
+    "gateway": GatewaySettings,
+    "vad": VadSettings,
+    "asr": AsrSettings,
+    "speaker": SpeakerSettings,
+}
+# Custom resources and the schema each is checked against (none is skipped).
+CRD_MODELS: dict[tuple[str, str], type[BaseModel]] = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): ServiceMonitor,
+    ("monitoring.coreos.com/v1", "PodMonitor"): PodMonitor,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): PrometheusRule,
+    ("keda.sh/v1alpha1", "ScaledObject"): ScaledObject,
+}
+GATEWAY_API = "gateway.networking.k8s.io/v1"
+
+overlays = pytest.mark.parametrize("overlay", OVERLAYS)
+
+
+def _is_custom(obj: Manifest) -> bool:
+    return (obj["apiVersion"], obj["kind"]) in CRD_MODELS or obj["apiVersion"] == GATEWAY_API
+
+
+def _pod_specs(objects: list[Manifest]) -> Iterator[tuple[str, Manifest]]:
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "StatefulSet", "Job"):
+            yield f"{obj['kind']}/{obj['metadata']['name']}", obj["spec"]["template"]["spec"]
+
+
+def _service_container(objects: list[Manifest], service: str) -> Manifest:
+    spec = named(objects, "Deployment", service)["spec"]["template"]["spec"]
+    (container,) = [c for c in spec["containers"] if c["name"] == service]
+    return container
+
+
+def _container_env(objects: list[Manifest], container: Manifest) -> dict[str, str | None]:
+    """Environment of a container: its ConfigMaps (envFrom), then env (None = valueFrom)."""
+    env: dict[str, str | None] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(named(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
+    for var in container.get("env", []):
+        env[var["name"]] = var.get("value")
+    return env
+
+
+def _settings(objects: list[Manifest], service: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The service's settings as the pod would load them from its environment."""
+    env = _container_env(objects, _service_container(objects, service))
+    for var in [v for v in os.environ if v.startswith("SF_")]:
+        monkeypatch.delenv(var)
+    for name, value in env.items():
+        if value is not None and name.startswith("SF_"):
+            monkeypatch.setenv(name, value)
+    return SETTINGS[service]()
+
+
+def _unknown_fields(given: Any, kept: Any, path: str = "") -> list[str]:
+    """Keys present in the manifest but dropped by the model (the models ignore extras)."""
+    if isinstance(given, dict) and isinstance(kept, dict):
+        missing = [f"{path}.{k}" for k in given if k not in kept]
+        return missing + [
+            e for k in given if k in kept for e in _unknown_fields(given[k], kept[k], f"{path}.{k}")
+        ]
+    if isinstance(given, list) and isinstance(kept, list):
+        return [
+            e for i, (g, k) in enumerate(zip(given, kept, strict=False))
+            for e in _unknown_fields(g, k, f"{path}[{i}]")
+        ]  # fmt: skip
+    return []
+
+
+def _promtool(
+    tmp_path: Path, groups: list[Manifest], name: str
+) -> subprocess.CompletedProcess[str]:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing (Debian package prometheus; make sysdeps)"
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    return subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+
+
+# -- rendering and schemas ----------------------------------------------------
+
+
+@overlays
+def test_overlay_renders_offline(overlay: str) -> None:
+    kinds = {o["kind"] for o in render(overlay)}
+    assert {"Namespace", "Deployment", "StatefulSet", "Service", "ConfigMap"} <= kinds
+
+
+@overlays
+def test_every_object_lands_in_the_speechfront_namespace(overlay: str) -> None:
+    for obj in render(overlay):
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == "speechfront", obj["metadata"]["name"]
+
+
+@overlays
+def test_core_objects_pass_strict_schema_validation(overlay: str) -> None:
+    errors = []
+    for obj in render(overlay):
+        if _is_custom(obj):
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except (kubernetes_validate.ValidationError, kubernetes_validate.SchemaNotFoundError) as e:
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {e}")
+    assert not errors, "\n".join(errors)
+
+
+@overlays
+def test_prometheus_operator_and_keda_objects_match_their_schemas(overlay: str) -> None:
+    checked = 0
+    for obj in render(overlay):
+        model = CRD_MODELS.get((obj["apiVersion"], obj["kind"]))
+        if model is None:
+            continue
+        parsed = model.model_validate(obj)
+        kept = parsed.model_dump(by_alias=True, exclude_unset=True, mode="json")
+        assert not _unknown_fields(obj, kept), f"{obj['kind']}/{obj['metadata']['name']}"
+        checked += 1
+    assert checked >= 9  # 4 ServiceMonitors, 4 ScaledObjects, 1 PrometheusRule
+
+
+@overlays
+def test_gateway_api_routes_match_their_schemas(overlay: str) -> None:
+    assert (SCHEMA_CHECK / "node_modules").is_dir(), "run `make deploy-tools`"
+    routes = [o for o in render(overlay) if o["apiVersion"] == GATEWAY_API]
+    assert routes, "the device route is missing"
+    result = subprocess.run(
+        ["node", str(SCHEMA_CHECK / "validate.mjs")],
+        input=json.dumps(routes),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=SCHEMA_CHECK,
+        check=True,
+    )
+    failures = [r for r in json.loads(result.stdout) if not r["ok"]]
+    assert not failures, failures
+
+
+@overlays
+def test_every_custom_resource_kind_has_a_schema_check(overlay: str) -> None:
+    for obj in render(overlay):
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=False)
+        except kubernetes_validate.SchemaNotFoundError:
+            assert _is_custom(obj), f"no schema checks {obj['apiVersion']} {obj['kind']}"
+        except kubernetes_validate.ValidationError:
+            pass  # reported by the strict test
+
+
+# -- agreement with the code --------------------------------------------------
+
+
+@overlays
+def test_service_commands_are_speechfront_subcommands(overlay: str) -> None:
+    objects = render(overlay)
+    for service in SERVICES:
+        assert _service_container(objects, service)["command"] == ["speechfront", service]
+
+
+@overlays
+def test_every_sf_variable_is_a_field_of_the_services_settings(overlay: str) -> None:
+    objects = render(overlay)
+    for service, settings in SETTINGS.items():
+        env = _container_env(objects, _service_container(objects, service))
+        for name in [n for n in env if n.startswith("SF_")]:
+            prefix = f"SF_{service.upper()}_"
+            assert name.startswith(prefix), f"{service} is given {name}"
+            field = name.removeprefix(prefix).lower()
+            assert field in settings.model_fields, f"{name}: {settings.__name__} has no {field}"
+
+
+@overlays
+def test_settings_load_from_the_manifests_environment(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = render(overlay)
+    for service in SETTINGS:
+        _settings(objects, service, monkeypatch)  # raises on an invalid value
+
+
+@overlays
+def test_container_ports_are_the_ports_the_services_listen_on(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = render(overlay)
+    for service in SETTINGS:
+        settings = _settings(objects, service, monkeypatch)
+        ports = {
+            p["name"]: p["containerPort"] for p in _service_container(objects, service)["ports"]
+        }
+        if service == "gateway":
+            assert ports == {"http": settings.port}
+        else:
+            assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+
+
+@overlays
+def test_grpc_probes_use_the_grpc_port(overlay: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    objects = render(overlay)
+    for service in ("vad", "asr", "speaker"):
+        container = _service_container(objects, service)
+        port = _settings(objects, service, monkeypatch).port
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert container[probe]["grpc"]["port"] == port, f"{service} {probe}"
+
+
+@overlays
+def test_gateway_probes_use_health_routes_of_the_app(overlay: str) -> None:
+    container = _service_container(render(overlay), "gateway")
+    routes = {getattr(r, "path", None) for r in create_app(GatewaySettings()).routes}
+    probes = {
+        p: container[p]["httpGet"] for p in ("startupProbe", "livenessProbe", "readinessProbe")
+    }
+    assert probes["readinessProbe"]["path"] == "/readyz"
+    assert probes["livenessProbe"]["path"] == "/healthz"
+    for probe in probes.values():
+        assert probe["path"] in routes
+        assert probe["port"] in {p["name"] for p in container["ports"]}
+
+
+@overlays
+def test_gateway_targets_resolve_the_headless_services(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = render(overlay)
+    settings = _settings(objects, "gateway", monkeypatch)
+    for service in ("vad", "asr", "speaker"):
+        svc = named(objects, "Service", service)
+        assert svc["spec"]["clusterIP"] == "None", f"{service} must be headless for gRPC"
+        grpc_port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
+        target = getattr(settings, f"{service}_target")
+        assert target == f"dns:///{service}.speechfront.svc.cluster.local:{grpc_port}"
+
+
+@overlays
+def test_gateway_reaches_redis_through_its_service(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = render(overlay)
+    url = _settings(objects, "gateway", monkeypatch).redis_url
+    port = named(objects, "Service", "redis")["spec"]["ports"][0]["port"]
+    assert url == f"redis://redis.speechfront.svc.cluster.local:{port}/0"
+
+
+@overlays
+def test_service_ports_target_named_container_ports(overlay: str) -> None:
+    objects = render(overlay)
+    for svc in by_kind(objects, "Service"):
+        selector = svc["spec"]["selector"]
+        pods = [
+            spec
+            for _, spec in _pod_specs(objects)
+            for o in objects
+            if o["kind"] in ("Deployment", "StatefulSet")
+            and o["spec"]["template"]["spec"] is spec
+            and selector.items() <= o["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert pods, f"Service {svc['metadata']['name']} selects no pods"
+        names = {p["name"] for spec in pods for c in spec["containers"] for p in c["ports"]}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in names, f"{svc['metadata']['name']}:{port['name']}"
+
+
+@overlays
+def test_every_service_is_scraped_on_its_metrics_port(overlay: str) -> None:
+    objects = render(overlay)
+    for service, port_name, path in (
+        ("gateway", "http", "/metrics"),
+        ("vad", "metrics", "/metrics"),
+        ("asr", "metrics", "/metrics"),
+        ("speaker", "metrics", "/metrics"),
+    ):
+        monitor = named(objects, "ServiceMonitor", service)
+        svc = named(objects, "Service", service)
+        labels = monitor["spec"]["selector"]["matchLabels"]
+        assert labels.items() <= svc["metadata"]["labels"].items()
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert (endpoint["port"], endpoint["path"]) == (port_name, path)
+        assert port_name in {p["name"] for p in svc["spec"]["ports"]}
+        # Keep the metrics' own `service` label (see docs/metrics.md).
+        assert endpoint["honorLabels"] is True
+
+
+# -- operability --------------------------------------------------------------
+
+
+@overlays
+def test_pods_run_non_root_without_capabilities_on_read_only_roots(overlay: str) -> None:
+    for where, spec in _pod_specs(render(overlay)):
+        assert spec["securityContext"]["runAsNonRoot"] is True, where
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for container in spec["containers"] + spec.get("initContainers", []):
+            context = container["securityContext"]
+            assert context["capabilities"]["drop"] == ["ALL"], where
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["readOnlyRootFilesystem"] is True, where
+        for container in spec["containers"]:
+            tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+            assert tmp and "emptyDir" in volumes[tmp[0]["name"]], f"{where}: no writable /tmp"
+
+
+@overlays
+def test_every_deployment_has_a_disruption_budget(overlay: str) -> None:
+    objects = render(overlay)
+    budgets = [
+        b["spec"]["selector"]["matchLabels"] for b in by_kind(objects, "PodDisruptionBudget")
+    ]
+    for deployment in by_kind(objects, "Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert any(b.items() <= labels.items() for b in budgets), deployment["metadata"]["name"]
+
+
+@overlays
+def test_gateway_grace_period_outlasts_its_pre_stop_and_an_utterance(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = render(overlay)
+    spec = named(objects, "Deployment", "gateway")["spec"]["template"]["spec"]
+    sleep = _service_container(objects, "gateway")["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep"
+    settings = _settings(objects, "gateway", monkeypatch)
+    assert int(sleep[1]) >= 10, "endpoint removal takes several seconds"
+    assert spec["terminationGracePeriodSeconds"] >= int(sleep[1]) + settings.asr_timeout_s
+
+
+@overlays
+def test_only_the_gateway_reaches_compute_and_redis(overlay: str) -> None:
+    objects = render(overlay)
+    deny = named(objects, "NetworkPolicy", "default-deny-ingress")
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    for name in ("compute-from-gateway", "redis-from-gateway"):
+        policy = named(objects, "NetworkPolicy", name)
+        peers = [p for rule in policy["spec"]["ingress"] for p in rule["from"]]
+        pod_peers = [p["podSelector"]["matchLabels"] for p in peers if "podSelector" in p]
+        assert pod_peers == [{"app.kubernetes.io/name": "gateway"}], name
+
+
+def test_gpu_overlay_gives_asr_and_speaker_a_gpu_and_the_model_volume() -> None:
+    objects = render("gpu")
+    for service in ("asr", "speaker"):
+        resources = _service_container(objects, service)["resources"]
+        assert resources["limits"]["nvidia.com/gpu"] == "1"
+        assert resources["requests"]["nvidia.com/gpu"] == "1"
+    for service in ("vad", "asr", "speaker"):
+        mounts = {m["mountPath"] for m in _service_container(objects, service)["volumeMounts"]}
+        assert "/models" in mounts
+    job = named(objects, "Job", "models")["spec"]["template"]["spec"]["containers"][0]
+    script = job["command"][-1]
+    for model_id in ("iic/SenseVoiceSmall", "iic/speech_eres2netv2_sv_zh-cn_16k-common"):
+        assert model_id in script
+
+
+@pytest.mark.parametrize(
+    ("overlay", "engines"),
+    [
+        ("gpu", {"vad": "fsmn", "asr": "sensevoice", "speaker": "eres2netv2"}),
+        ("cpu-lite", {"vad": "fsmn", "asr": "whisper", "speaker": "dvector"}),
+    ],
+)
+def test_overlay_selects_its_engines(
+    overlay: str, engines: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = render(overlay)
+    for service, engine in engines.items():
+        assert _settings(objects, service, monkeypatch).engine == engine
+
+
+def test_gpu_overlay_loads_production_models_from_the_volume(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    objects = render("gpu")
+    assert _settings(objects, "asr", monkeypatch).sensevoice_model == "/models/SenseVoiceSmall"
+    speaker = _settings(objects, "speaker", monkeypatch).eres2netv2_model
+    assert speaker.startswith("/models/")
+
+
+def test_cpu_lite_overlay_requests_no_gpu_and_reads_baked_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    objects = render("cpu-lite")
+    assert "nvidia.com/gpu" not in json.dumps(objects)
+    assert not by_kind(objects, "PersistentVolumeClaim")
+    asr = _settings(objects, "asr", monkeypatch)
+    speaker = _settings(objects, "speaker", monkeypatch)
+    vad = _settings(objects, "vad", monkeypatch)
+    assert asr.whisper_model_dir == "/app/models/whisper-tiny.en"
+    assert speaker.dvector_weights == "/app/models/resemblyzer/pretrained.pt"
+    assert str(vad.fsmn_model_dir) == "/app/models/fsmn-vad"
+
+
+# -- autoscaling, alerts and dashboards -----------------------------------------
+
+
+@overlays
+def test_each_service_autoscales_on_its_own_load_metric(overlay: str) -> None:
+    objects = render(overlay)
+    expected = {
+        "gateway": ["speechfront_gateway_sessions"],
+        "vad": ["speechfront_vad_streams"],
+        "asr": ['speechfront_queue_depth{namespace="speechfront",service="asr"}'],
+        "speaker": ['speechfront_queue_depth{namespace="speechfront",service="speaker"}'],
+    }
+    for service, metrics in expected.items():
+        scaled = named(objects, "ScaledObject", service)
+        assert scaled["spec"]["scaleTargetRef"]["name"] == service
+        named(objects, "Deployment", service)
+        queries = [t["metadata"]["query"] for t in scaled["spec"]["triggers"]]
+        for metric in metrics:
+            assert any(metric in q for q in queries), f"{service}: {metric}"
+        for trigger in scaled["spec"]["triggers"]:
+            assert trigger["type"] == "prometheus"
+            assert trigger["metricType"] == "AverageValue"  # threshold is per replica
+            float(trigger["metadata"]["threshold"])
+
+
+@overlays
+def test_promtool_accepts_the_prometheus_rules(overlay: str, tmp_path: Path) -> None:
+    result = _promtool(tmp_path, rule_groups(render(overlay)), "rules.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_parses_every_dashboard_and_autoscaler_query(tmp_path: Path) -> None:
+    queries: list[Query] = dashboard_queries() + autoscaler_queries(render("gpu"))
+    rules = [
+        {"record": f"speechfront:check_{i}", "expr": concrete(q.expr)}
+        for i, q in enumerate(queries)
+    ]
+    result = _promtool(tmp_path, [{"name": "queries", "rules": rules}], "queries.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(rules)} rules found" in result.stdout
+
+
+@overlays
+def test_alerts_have_severity_and_an_explanation(overlay: str) -> None:
+    alerts = [r for g in rule_groups(render(overlay)) for r in g["rules"] if "alert" in r]
+    assert {a["alert"] for a in alerts} >= {
+        "SpeechfrontLatencyBudgetFastBurn",
+        "SpeechfrontQueueBacklog",
+        "SpeechfrontComputeErrors",
+        "SpeechfrontUtteranceErrors",
+        "SpeechfrontReplicasUnavailable",
+        "SpeechfrontRedisErrors",
+    }
+    for alert in alerts:
+        assert alert["labels"]["severity"] in {"warning", "critical"}
+        assert alert["annotations"]["summary"] and alert["annotations"]["description"]
+
+
+def test_every_alert_is_explained_in_the_operations_guide() -> None:
+    guide = (REPO / "docs" / "operations.md").read_text()
+    for group in rule_groups(render("gpu")):
+        for rule in group["rules"]:
+            if "alert" in rule:
+                assert rule["alert"] in guide, rule["alert"]
+
+
+@overlays
+def test_dashboards_are_provisioned_for_the_grafana_sidecar(overlay: str) -> None:
+    configmap = named(render(overlay), "ConfigMap", "speechfront-dashboards")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    files = {p.name for p in DASHBOARDS.glob("*.json")}
+    assert set(configmap["data"]) == files
+    uids = [json.loads(body)["uid"] for body in configmap["data"].values()]
+    assert len(set(uids)) == len(uids)
+
+
+def test_capacity_dashboard_draws_the_autoscaling_targets() -> None:
+    capacity = json.loads((DASHBOARDS / "speechfront-capacity.json").read_text())
+    drawn = {
+        float(m.group(1))
+        for panel in capacity["panels"]
+        for t in panel["targets"]
+        if (m := re.fullmatch(r"vector\(([\d.]+)\)", t["expr"]))
+    }
+    thresholds = {
+        float(t["metadata"]["threshold"])
+        for so in by_kind(render("gpu"), "ScaledObject")
+        for t in so["spec"]["triggers"]
+    }
+    assert drawn == thresholds
