@@ -17,7 +17,9 @@ class VadSettings(ServiceSettings):
 
     port: int = Field(50051, ge=1, le=65535)
     metrics_port: int = Field(9101, ge=0, le=65535)
-    engine: Literal["fsmn", "silero"] = "fsmn"
+    # "fsmn": FSMN-VAD batched across streams; "fsmn-stream": funasr's per-stream
+    # generate(), kept as the baseline for benchmarks.
+    engine: Literal["fsmn", "fsmn-stream", "silero"] = "fsmn"
     fsmn_model_dir: Path = DEFAULT_MODELS_DIR / "fsmn-vad"
     silero_model: Path = DEFAULT_MODELS_DIR / "silero-vad" / "silero_vad.onnx"
     device: str = "cpu"

@@ -33,7 +33,7 @@ class _FsmnStream:
 
 
 class FsmnVadEngine:
-    name = "fsmn"
+    name = "fsmn-stream"
 
     def __init__(self, model_dir: Path | str, device: str = "cpu") -> None:
         from funasr import AutoModel  # heavy import, only when this engine is chosen

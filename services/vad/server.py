@@ -29,9 +29,13 @@ def build_engine(settings: VadSettings) -> VadEngine:
         from services.vad.silero import SileroVadEngine
 
         return SileroVadEngine(settings.silero_model)
-    from services.vad.fsmn import FsmnVadEngine
+    if settings.engine == "fsmn-stream":
+        from services.vad.fsmn import FsmnVadEngine
 
-    return FsmnVadEngine(settings.fsmn_model_dir, device=settings.device)
+        return FsmnVadEngine(settings.fsmn_model_dir, device=settings.device)
+    from services.vad.fsmn_batched import BatchedFsmnVadEngine
+
+    return BatchedFsmnVadEngine(settings.fsmn_model_dir, device=settings.device)
 
 
 class VadServicer(vad_pb2_grpc.VadServicer):

@@ -1,0 +1,138 @@
+"""FSMN-VAD batched across streams: one feature pass, one encoder call, one detector pass.
+
+The per-stream engine (``services/vad/fsmn.py``) calls funasr's streaming
+``generate()`` once per stream per tick, which asserts a batch of one and
+spends most of its time in Python bookkeeping. This engine keeps every
+stream's state in slot-indexed arrays instead and, per ``step``, runs
+
+1. feature extraction for all streams with new audio (fsmn_features),
+2. one encoder forward over all streams that produced frames, their FSMN
+   memories stacked into the batch and scattered back (fsmn_encoder),
+3. the end-point state machine, vectorised across streams (fsmn_endpoint).
+
+Events match funasr's streaming ``generate()`` with ``max_end_silence_time``
+pinned to the stream's ``silence_ms`` (no dynamic silence schedule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from services.common.audio import samples_to_ms
+from services.vad.engine import VadEvent
+from services.vad.fsmn_encoder import BatchedFsmnEncoder
+from services.vad.fsmn_endpoint import EndpointConfig, EndpointDetector
+from services.vad.fsmn_features import FeatureState, OnlineLfrFrontend
+
+_EMPTY = np.zeros(0, dtype=np.float32)
+
+
+@dataclass
+class _Stream:
+    slot: int
+    silence_ms: int
+    features: FeatureState = field(default_factory=FeatureState)
+    # Samples received since the detector was last reset, and before that.
+    consumed: int = 0
+    origin: int = 0
+
+
+class BatchedFsmnVadEngine:
+    name = "fsmn"
+
+    def __init__(
+        self, model_dir: Path | str, device: str = "cpu", max_encoder_batch: int = 256
+    ) -> None:
+        model_dir = Path(model_dir)
+        config = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8"))
+        frontend_conf = config.get("frontend_conf", {})
+        # The frontend is written for exactly these settings (the shipped model's).
+        expected: dict[str, object] = {"fs": 16000, "n_mels": 80, "frame_length": 25}
+        expected |= {"frame_shift": 10, "lfr_m": 5, "lfr_n": 1, "window": "hamming"}
+        mismatched = {
+            k: frontend_conf.get(k) for k, v in expected.items() if frontend_conf.get(k) != v
+        }
+        if mismatched or float(frontend_conf.get("dither", 1.0)) != 0.0:
+            raise ValueError(f"{model_dir}: unsupported FSMN-VAD frontend settings {mismatched}")
+        self._frontend = OnlineLfrFrontend(model_dir / "am.mvn")
+        self._encoder = BatchedFsmnEncoder(
+            model_dir / "model.pt", config["encoder_conf"], device, max_batch=max_encoder_batch
+        )
+        self._detector = EndpointDetector(EndpointConfig.from_model_conf(config["model_conf"]))
+        self._streams: dict[str, _Stream] = {}
+        self._free: list[int] = []
+        self._capacity = 0
+
+    def open(self, stream_id: str, silence_ms: int) -> None:
+        self.close(stream_id)
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        self._encoder.reset(slot)
+        self._detector.reset(slot, silence_ms)
+        self._streams[stream_id] = _Stream(slot=slot, silence_ms=silence_ms)
+
+    def close(self, stream_id: str) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self._free.append(stream.slot)
+
+    def _grow(self) -> None:
+        old, new = self._capacity, max(16, self._capacity * 2)
+        self._encoder.ensure_capacity(new)
+        self._detector.ensure_capacity(new)
+        self._free.extend(range(new - 1, old - 1, -1))
+        self._capacity = new
+
+    def step(self, chunks: Mapping[str, np.ndarray], final: Collection[str]) -> list[VadEvent]:
+        ids = [sid for sid in dict.fromkeys([*chunks, *final]) if sid in self._streams]
+        if not ids:
+            return []
+        streams = [self._streams[sid] for sid in ids]
+        samples = [np.asarray(chunks.get(sid, _EMPTY), dtype=np.float32).reshape(-1) for sid in ids]
+        is_final = [sid in final for sid in ids]
+        for stream, chunk in zip(streams, samples, strict=True):
+            stream.consumed += chunk.size
+        feats, counts = self._frontend.extract([s.features for s in streams], samples, is_final)
+
+        events: list[VadEvent] = []
+        stepped = np.flatnonzero(counts)
+        if stepped.size:
+            slots = np.array([streams[i].slot for i in stepped], dtype=np.int64)
+            batch_counts = counts[stepped]
+            p_sil = self._encoder.silence_posterior(slots, feats, batch_counts)
+            speech = self._detector.is_speech(p_sil)
+            final_rows = np.array([is_final[i] for i in stepped], dtype=bool)
+            for row, is_start, ms in self._detector.advance(
+                slots, speech, batch_counts, final_rows
+            ):
+                stream = streams[stepped[row]]
+                events.append(
+                    VadEvent(
+                        ids[stepped[row]],
+                        "start" if is_start else "end",
+                        samples_to_ms(stream.origin) + ms,
+                    )
+                )
+        for sid, stream, fin in zip(ids, streams, is_final, strict=True):
+            if fin:
+                events.extend(self._finish(sid, stream))
+        return events
+
+    def _finish(self, stream_id: str, stream: _Stream) -> list[VadEvent]:
+        """After the last frame: speech funasr left open ends at the last sample,
+        then the stream starts over (offsets keep counting from its origin)."""
+        events: list[VadEvent] = []
+        end = stream.origin + stream.consumed
+        if self._detector.in_segment(stream.slot):
+            events.append(VadEvent(stream_id, "end", samples_to_ms(end)))
+        self._encoder.reset(stream.slot)
+        self._detector.reset(stream.slot, stream.silence_ms)
+        stream.features = FeatureState()
+        stream.origin, stream.consumed = end, 0
+        return events

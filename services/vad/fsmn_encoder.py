@@ -1,0 +1,137 @@
+"""The FSMN-VAD encoder run on a batch of streams, each with its own memory.
+
+Same network as funasr's ``FSMN`` encoder (affine 400->140->250, ReLU, four
+blocks of linear projection + causal depthwise memory of ``lorder`` frames +
+affine + ReLU, affine 250->140->248, softmax), with weights from the
+checkpoint. The memory blocks look only backwards, so streams with fewer new
+frames are right-padded: the padding never reaches a real frame's output, and
+each stream's next memory is cut from its own last real frames.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class BatchedFsmnEncoder:
+    def __init__(
+        self, checkpoint: Path, conf: dict[str, Any], device: str = "cpu", max_batch: int = 256
+    ) -> None:
+        self.max_batch = max_batch
+        if int(conf.get("rorder", 0)) != 0 or int(conf.get("lstride", 1)) != 1:
+            raise ValueError("only causal FSMN memory with stride 1 is supported")
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        self._device = torch.device(device)
+        self._layers = int(conf["fsmn_layers"])
+        self._proj = int(conf["proj_dim"])
+        self._memory = int(conf["lorder"]) - 1
+
+        def param(name: str) -> torch.Tensor:
+            return state[f"encoder.{name}"].to(self._device, torch.float32).contiguous()
+
+        self._in = [
+            (param(f"{n}.linear.weight"), param(f"{n}.linear.bias"))
+            for n in ("in_linear1", "in_linear2")
+        ]
+        self._out = [
+            (param(f"{n}.linear.weight"), param(f"{n}.linear.bias"))
+            for n in ("out_linear1", "out_linear2")
+        ]
+        self._blocks = [
+            (
+                param(f"fsmn.{i}.linear.linear.weight"),
+                # (proj, 1, lorder, 1) -> (proj, 1, lorder) for conv1d
+                param(f"fsmn.{i}.fsmn_block.conv_left.weight").squeeze(-1),
+                param(f"fsmn.{i}.affine.linear.weight"),
+                param(f"fsmn.{i}.affine.linear.bias"),
+            )
+            for i in range(self._layers)
+        ]
+        self.input_dim = int(self._in[0][0].shape[1])
+        # Memory of every slot: (slots, layers, proj, lorder - 1), time last.
+        self._cache = torch.zeros(0, self._layers, self._proj, self._memory, device=self._device)
+
+    def ensure_capacity(self, capacity: int) -> None:
+        if capacity > self._cache.shape[0]:
+            grow = torch.zeros(
+                capacity - self._cache.shape[0],
+                self._layers,
+                self._proj,
+                self._memory,
+                device=self._device,
+            )
+            self._cache = torch.cat([self._cache, grow])
+
+    def reset(self, slot: int) -> None:
+        self._cache[slot] = 0.0
+
+    @torch.inference_mode()
+    def silence_posterior(
+        self, slots: np.ndarray, feats: np.ndarray, counts: np.ndarray
+    ) -> np.ndarray:
+        """``feats``: (sum(counts), 400) rows of the streams in ``slots``, in order.
+
+        Returns (len(slots), max(counts)) float32 silence probabilities; entries
+        past a stream's count are padding.
+        """
+        longest = int(counts.max(initial=0))
+        if slots.size <= self.max_batch:
+            return self._forward(slots, feats, counts)
+        # Bounded sub-batches keep activations and memories cache-resident; one
+        # huge batch measured slower per stream on CPU.
+        out = np.zeros((slots.size, longest), dtype=np.float32)
+        ends = np.cumsum(counts)
+        for lo in range(0, slots.size, self.max_batch):
+            hi = min(lo + self.max_batch, slots.size)
+            first = int(ends[lo - 1]) if lo else 0
+            part = self._forward(slots[lo:hi], feats[first : ends[hi - 1]], counts[lo:hi])
+            out[lo:hi, : part.shape[1]] = part
+        return out
+
+    def _forward(self, slots: np.ndarray, feats: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        n, longest = slots.size, int(counts.max(initial=0))
+        uniform = bool((counts == longest).all())
+        rows = torch.from_numpy(feats).to(self._device)
+        if uniform:
+            # The usual tick: every stream brought the same number of frames.
+            x = rows.view(n, longest, self.input_dim)
+        else:
+            lengths = torch.from_numpy(counts).to(self._device)
+            x = torch.zeros(n, longest, self.input_dim, device=self._device)
+            row = torch.repeat_interleave(torch.arange(n, device=self._device), lengths)
+            col = (
+                torch.arange(row.numel(), device=self._device)
+                - (torch.cumsum(lengths, 0) - lengths)[row]
+            )
+            x[row, col] = rows
+            keep = (lengths[:, None] + torch.arange(self._memory, device=self._device))[:, None, :]
+            keep = keep.expand(n, self._proj, self._memory)
+
+        # Streams opened together hold consecutive slots; then their memories
+        # are a view, updated in place, instead of a gather and a scatter.
+        lo = int(slots[0])
+        contiguous = bool((slots == np.arange(lo, lo + n)).all())
+        index = torch.from_numpy(slots).to(self._device)
+        cache = self._cache[lo : lo + n] if contiguous else self._cache[index]
+
+        h = F.linear(x, *self._in[0])
+        h = F.relu(F.linear(h, *self._in[1]))
+        for layer, (proj_w, memory_w, affine_w, affine_b) in enumerate(self._blocks):
+            p = F.linear(h, proj_w).transpose(1, 2)  # (n, proj, time)
+            padded = torch.cat([cache[:, layer], p], dim=2)
+            memory = F.conv1d(padded, memory_w, groups=self._proj)
+            if uniform:
+                cache[:, layer] = padded[:, :, longest:]
+            else:
+                cache[:, layer] = torch.gather(padded, 2, keep)
+            h = F.relu(F.linear((p + memory).transpose(1, 2), affine_w, affine_b))
+        h = F.linear(h, *self._out[0])
+        logits = F.linear(h, *self._out[1])
+        if not contiguous:
+            self._cache[index] = cache
+        return torch.softmax(logits, dim=-1)[..., 0].cpu().numpy()

@@ -1,0 +1,206 @@
+"""The batched FSMN-VAD engine finds the boundaries funasr's own streaming generate() finds.
+
+Clips are built deterministically from espeak-ng speech (several voices,
+English and Mandarin), silences of varied length, Gaussian noise at a few
+levels, and some cut mid-utterance. The reference feeds each clip alone
+through funasr in 60 ms chunks; the engine steps all clips together (one
+batch per step), with slots fragmented so the general gather/scatter path
+runs and the encoder splits the batch, at several chunk sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from services.common.audio import SAMPLE_RATE
+from services.simulator.speech import silence, synthesize
+from services.vad.fsmn_batched import BatchedFsmnVadEngine
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "fsmn-vad"
+SILENCE_MS = 500
+CHUNK = 960  # 60 ms, as devices send
+TOLERANCE_MS = 30
+N_CLIPS = 54
+
+pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.pt").exists(), reason="no FSMN-VAD")
+
+PHRASES = [
+    ("hello there how are you", "en"),
+    ("turn on the kitchen lights", "en+f3"),
+    ("what is the weather like tomorrow", "en+m7"),
+    ("set a timer for ten minutes", "en-us+f5"),
+    ("play some music please", "en"),
+    ("stop", "en+f3"),
+    ("yes", "en+m7"),
+    ("remind me to call my mother at six", "en-us+f5"),
+    ("你好小智", "cmn"),
+    ("今天天气怎么样", "cmn"),
+    ("请把灯关掉", "cmn"),
+    ("okay thanks a lot", "en+m7"),
+]
+PAUSES_S = [0.3, 0.4, 0.6, 0.8, 1.0, 1.5, 2.0, 2.5]
+NOISE_LEVELS = [0.0, 0.002, 0.01, 0.03]
+
+Events = list[tuple[str, int]]
+
+
+def build_clips() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(2024)
+    speech = [synthesize(text, voice) for text, voice in PHRASES]
+    clips: dict[str, np.ndarray] = {}
+    for i in range(N_CLIPS):
+        parts = [silence(float(rng.uniform(0.0, 1.2)))]
+        for j in range(int(rng.integers(1, 4))):
+            if j:
+                parts.append(silence(float(rng.choice(PAUSES_S))))
+            parts.append(speech[int(rng.integers(len(speech)))])
+        cut_mid_speech = i % 6 == 5
+        if cut_mid_speech:
+            last = parts.pop()
+            parts.append(last[: int(last.size * rng.uniform(0.3, 0.8))])
+        else:
+            parts.append(silence(float(rng.uniform(0.2, 1.2))))
+        audio = np.concatenate(parts)
+        noise = NOISE_LEVELS[i % len(NOISE_LEVELS)]
+        if noise:
+            audio = audio + rng.normal(0.0, noise, audio.size)
+        clips[f"clip{i:02d}"] = audio.astype(np.float32)
+    return clips
+
+
+def funasr_events(model: Any, audio: np.ndarray) -> Events:
+    cache: dict[str, Any] = {}
+    events: Events = []
+    for at in range(0, audio.size, CHUNK):
+        result = model.generate(
+            input=audio[at : at + CHUNK],
+            cache=cache,
+            is_final=at + CHUNK >= audio.size,
+            chunk_size=60,
+            max_end_silence_time=SILENCE_MS,
+            disable_pbar=True,
+        )
+        for start, end in result[0]["value"] if result else []:
+            if start >= 0:
+                events.append(("start", int(start)))
+            if end >= 0:
+                events.append(("end", int(end)))
+    return events
+
+
+def step_together(
+    engine: BatchedFsmnVadEngine, clips: dict[str, np.ndarray], chunk: int
+) -> dict[str, Events]:
+    """Every clip advances in the same steps, ``chunk`` samples each, flushed on its last."""
+    # Placeholders opened in between and closed again leave the clips on
+    # non-consecutive slots, so the encoder's gather/scatter path runs.
+    for i, stream_id in enumerate(clips):
+        engine.open(stream_id, SILENCE_MS)
+        if i % 3 == 0:
+            engine.open(f"gap{i}", SILENCE_MS)
+    for i in range(0, len(clips), 3):
+        engine.close(f"gap{i}")
+    got: dict[str, Events] = {stream_id: [] for stream_id in clips}
+    longest = max(audio.size for audio in clips.values())
+    for at in range(0, longest, chunk):
+        step = {sid: audio[at : at + chunk] for sid, audio in clips.items() if at < audio.size}
+        final = [sid for sid, audio in clips.items() if at < audio.size <= at + chunk]
+        for event in engine.step(step, final):
+            got[event.stream_id].append((event.kind, event.offset_ms))
+    for stream_id in clips:
+        engine.close(stream_id)
+    return got
+
+
+@pytest.fixture(scope="module")
+def clips() -> dict[str, np.ndarray]:
+    return build_clips()
+
+
+@pytest.fixture(scope="module")
+def reference(clips: dict[str, np.ndarray]) -> dict[str, Events]:
+    from funasr import AutoModel
+
+    model = AutoModel(model=str(MODEL_DIR), disable_update=True, disable_pbar=True)
+    return {name: funasr_events(model, audio) for name, audio in clips.items()}
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[BatchedFsmnVadEngine]:
+    # Small encoder sub-batches, so the 54 clips also cross a sub-batch boundary.
+    yield BatchedFsmnVadEngine(MODEL_DIR, max_encoder_batch=32)
+
+
+def assert_matches(got: dict[str, Events], want: dict[str, Events], label: str) -> int:
+    worst = 0
+    for name, expected in want.items():
+        actual = got[name]
+        assert [k for k, _ in actual] == [k for k, _ in expected], (label, name, actual, expected)
+        for (_, got_ms), (_, want_ms) in zip(actual, expected, strict=True):
+            worst = max(worst, abs(got_ms - want_ms))
+    assert worst <= TOLERANCE_MS, (label, worst)
+    return worst
+
+
+def test_clips_are_useful_cases(clips: dict[str, np.ndarray], reference: dict[str, Events]) -> None:
+    assert len(clips) >= 50
+    assert sum(1 for events in reference.values() if events) >= 0.9 * len(clips)
+    assert sum(len(events) for events in reference.values()) >= 150
+    # Some clips must end while funasr is still inside speech.
+    assert any(
+        events and events[-1][1] * SAMPLE_RATE // 1000 > clips[name].size - 0.2 * SAMPLE_RATE
+        for name, events in reference.items()
+    )
+
+
+@pytest.mark.parametrize("chunk_ms", [60, 200, 77])
+def test_batched_steps_match_funasr_streaming(
+    engine: BatchedFsmnVadEngine,
+    clips: dict[str, np.ndarray],
+    reference: dict[str, Events],
+    chunk_ms: int,
+) -> None:
+    got = step_together(engine, clips, SAMPLE_RATE * chunk_ms // 1000)
+    worst = assert_matches(got, reference, f"{chunk_ms} ms steps")
+    compared = sum(len(events) for events in reference.values())
+    print(f"\n{chunk_ms} ms steps: {len(clips)} clips, {compared} boundaries, max diff {worst} ms")
+
+
+def test_streams_in_one_batch_are_isolated(
+    engine: BatchedFsmnVadEngine, clips: dict[str, np.ndarray], reference: dict[str, Events]
+) -> None:
+    talker = next(name for name, events in reference.items() if len(events) >= 4)
+    audio = clips[talker]
+    rng = np.random.default_rng(5)
+    together = {
+        talker: audio,
+        "quiet": silence(audio.size / SAMPLE_RATE),
+        "hiss": rng.normal(0.0, 0.002, audio.size).astype(np.float32),
+    }
+    got = step_together(engine, together, CHUNK)
+    assert got["quiet"] == []
+    assert got["hiss"] == []
+    assert got[talker] == step_together(engine, {talker: audio}, CHUNK)[talker]
+    assert_matches({talker: got[talker]}, {talker: reference[talker]}, "isolation")
+
+
+def test_final_without_new_audio_flushes_and_offsets_keep_counting(
+    engine: BatchedFsmnVadEngine, clips: dict[str, np.ndarray], reference: dict[str, Events]
+) -> None:
+    name = next(name for name, events in reference.items() if len(events) >= 2)
+    audio = clips[name]
+    engine.open("flush", SILENCE_MS)
+    events = engine.step({"flush": audio}, [])
+    events += engine.step({}, ["flush"])
+    first: Events = [(e.kind, e.offset_ms) for e in events]
+    assert_matches({name: first}, {name: reference[name]}, "flush without audio")
+    # After a flush the stream starts over; offsets go on from its origin.
+    again = engine.step({"flush": audio}, ["flush"])
+    engine.close("flush")
+    shift = audio.size * 1000 // SAMPLE_RATE
+    assert [(e.kind, e.offset_ms - shift) for e in again] == first
