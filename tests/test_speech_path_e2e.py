@@ -102,7 +102,8 @@ def test_health_readiness_and_metrics_endpoints(cluster: LocalCluster) -> None:
         assert reply.status == 200
     with urllib.request.urlopen(f"{cluster.gateway_url}/readyz", timeout=5) as reply:
         body = json.loads(reply.read())
-    assert body["checks"] == {"vad": True, "redis": True}
+    assert body["checks"] == {"vad": True, "redis": True, "draining": False}
+    assert body["status"] == "ready"
     with urllib.request.urlopen(f"{cluster.gateway_url}/metrics", timeout=5) as reply:
         text = reply.read().decode()
     assert "speechfront_gateway_sessions" in text

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 
+import uvicorn
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -16,7 +19,7 @@ from services.common.loop_monitor import LoopLagMonitor
 from services.gateway.compute import ComputeClients
 from services.gateway.config import GatewaySettings
 from services.gateway.connection import serve_device
-from services.gateway.session import GatewayContext, SessionHub
+from services.gateway.hub import GatewayContext, SessionHub
 from services.gateway.speakers_api import router as speakers_router
 from services.gateway.store import SessionStore
 from services.gateway.vad_router import VadRouter
@@ -29,11 +32,12 @@ DEVICE_PATHS = ("/xiaozhi/v1/", "/xiaozhi/v1")
 def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        hub = SessionHub()
+        store = SessionStore(settings.redis_url, settings.session_ttl_s)
+        hub = SessionHub(store)
         vad = VadRouter(settings.vad_target, hub.on_vad_event, hub.on_vad_lost)
         ctx = GatewayContext(
             settings=settings,
-            store=SessionStore(settings.redis_url, settings.session_ttl_s),
+            store=store,
             compute=ComputeClients(settings.asr_target, settings.speaker_target),
             vad=vad,
             hub=hub,
@@ -41,6 +45,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.ctx = ctx
         loop_monitor = LoopLagMonitor("gateway")
         loop_monitor.start()
+        store.start()
+        hub.start()
         vad.start()
         if settings.allow_anonymous:
             log.warning("open mode: devices are accepted without a valid token")
@@ -48,6 +54,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             yield
         finally:
             await loop_monitor.stop()
+            await hub.stop()
             await vad.stop()
             await ctx.compute.close()
             await ctx.store.close()
@@ -67,11 +74,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
+        """Ready while VAD is reachable and not draining. Without Redis the gateway
+        still recognises speech (state is written once Redis is back), so it stays
+        ready but reports itself degraded."""
         ctx: GatewayContext = request.app.state.ctx
-        checks = {"vad": ctx.vad.any_connected, "redis": await ctx.store.ping()}
-        ready = all(checks.values())
+        checks = {"vad": ctx.vad.any_connected, "redis": ctx.store.up, "draining": ctx.draining}
+        ready = checks["vad"] and not ctx.draining
+        status = "draining" if ctx.draining else "ready" if ready else "not_ready"
+        if ready and not checks["redis"]:
+            status = "degraded"
         return JSONResponse(
-            {"ready": ready, "checks": checks, "sessions": len(ctx.hub.sessions)},
+            {"ready": ready, "status": status, "checks": checks, "sessions": len(ctx.hub.sessions)},
             status_code=200 if ready else 503,
         )
 
@@ -82,17 +95,53 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     return app
 
 
-def main() -> None:
-    import uvicorn
+async def drain(ctx: GatewayContext) -> None:
+    """Stop taking devices, finish what they said, then tell them to reconnect elsewhere.
 
+    Runs before uvicorn's own shutdown, which would otherwise close every
+    WebSocket at once the moment SIGTERM arrives.
+    """
+    ctx.draining = True
+    sessions = list(ctx.hub.sessions.values())
+    log.info("draining %d sessions", len(sessions))
+    for session in sessions:
+        session.begin_drain()
+    timeout = ctx.settings.drain_timeout_s
+    await asyncio.gather(*(session.wait_idle(timeout) for session in sessions))
+    await asyncio.gather(*(session.close_for_restart() for session in sessions))
+    log.info("drained")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains the gateway before shutting down."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+        self._drain: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        ctx = getattr(self._app.state, "ctx", None)
+        if self._drain is not None or ctx is None:
+            super().handle_exit(sig, frame)  # a second signal: stop now
+            return
+        loop = asyncio.get_event_loop()
+        self._drain = loop.create_task(drain(ctx))
+        self._drain.add_done_callback(lambda _: super(DrainingServer, self).handle_exit(sig, None))
+
+
+def main() -> None:
     settings = load_settings(GatewaySettings)
     configure_logging(settings.log_level)
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         ws_max_size=1 << 20,
         ws_ping_interval=30,
         ws_ping_timeout=60,
+        timeout_graceful_shutdown=5,
     )
+    DrainingServer(config, app).run()

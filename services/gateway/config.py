@@ -37,6 +37,10 @@ class GatewaySettings(BaseSettings):
     session_ttl_s: int = Field(3600, ge=60)
     max_sessions: int = Field(2000, ge=1)
     max_utterance_s: float = Field(30.0, gt=0, le=120)
+    max_frames_per_s: int = Field(50, ge=1, description="Audio frames per second per session.")
+    drain_timeout_s: float = Field(
+        20.0, ge=0, description="On SIGTERM: time to finish in-flight utterances."
+    )
     max_inflight_utterances: int = Field(4, ge=1, description="Per session, awaiting results.")
     vad_silence_ms: int = Field(500, ge=100, le=5000, description="End-of-speech window.")
     asr_language: str = "auto"

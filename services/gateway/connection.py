@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from services.gateway import metrics
@@ -19,9 +21,10 @@ from services.gateway.errors import (
     ConnectionRejected,
 )
 from services.gateway.framing import PayloadType, decode_frame, parse_protocol_version
+from services.gateway.hub import GatewayContext
 from services.gateway.messages import declared_frame_duration, hello_reply, parse_message
 from services.gateway.opus import OpusStreamDecoder
-from services.gateway.session import DeviceSession, GatewayContext, new_session_id
+from services.gateway.session import DeviceLink, DeviceSession, new_session_id
 from services.gateway.vad_client import VadBackpressure
 
 log = logging.getLogger(__name__)
@@ -66,19 +69,40 @@ async def authorize(ctx: GatewayContext, handshake: Handshake) -> None:
     raise ConnectionRejected(POLICY_VIOLATION, "unauthorized: missing or invalid token")
 
 
+async def admit(ctx: GatewayContext, websocket: WebSocket) -> bool:
+    """Refuse the upgrade with HTTP 503 when draining or full: clients back off and retry."""
+    if ctx.draining:
+        reason = "gateway is draining"
+    elif len(ctx.hub.sessions) >= ctx.settings.max_sessions:
+        reason = "gateway at its session limit"
+    else:
+        return True
+    metrics.CONNECTIONS.labels("refused_" + ("draining" if ctx.draining else "full")).inc()
+    await websocket.send_denial_response(
+        JSONResponse({"error": reason}, status_code=503, headers={"Retry-After": "5"})
+    )
+    return False
+
+
 async def serve_device(ctx: GatewayContext, websocket: WebSocket) -> None:
+    if not await admit(ctx, websocket):
+        return
     await websocket.accept()
     session: DeviceSession | None = None
     try:
         handshake = read_handshake(websocket)
         await authorize(ctx, handshake)
-        if len(ctx.hub.sessions) >= ctx.settings.max_sessions:
-            raise ConnectionRejected(TRY_AGAIN_LATER, "gateway at its session limit")
         hello = await _await_hello(ctx, websocket, handshake.protocol_version)
         decoder = OpusStreamDecoder(declared_frame_duration(hello))
+        link = DeviceLink(
+            websocket.send_text,
+            websocket.send_bytes,
+            lambda code, reason: _close(websocket, code, reason),
+            handshake.protocol_version,
+        )
         session = DeviceSession(
             ctx,
-            lambda message: websocket.send_text(json.dumps(message, ensure_ascii=False)),
+            link,
             session_id=new_session_id(),
             device_id=handshake.device_id,
             client_id=handshake.client_id,
@@ -94,7 +118,9 @@ async def serve_device(ctx: GatewayContext, websocket: WebSocket) -> None:
             )
         )
         session.record_connected(handshake.client_id, handshake.protocol_version, hello)
-        await _receive_loop(websocket, session, decoder, handshake.protocol_version)
+        await session.deliver_undelivered()
+        limiter = FrameRateLimiter(ctx.settings.max_frames_per_s)
+        await _receive_loop(websocket, session, decoder, handshake.protocol_version, limiter)
     except ConnectionRejected as exc:
         metrics.CLOSES.labels(exc.label if session else f"handshake_{exc.label}").inc()
         log.info("closing connection: %s", exc.reason)
@@ -132,8 +158,29 @@ async def _await_hello(ctx: GatewayContext, websocket: WebSocket, version: int) 
     return message
 
 
+class FrameRateLimiter:
+    """Audio frames per second, averaged over a short window: a device sends about 17."""
+
+    def __init__(self, max_per_s: int, window_s: float = 2.0) -> None:
+        self._budget = max_per_s * window_s
+        self._window_s = window_s
+        self._window_start = time.monotonic()
+        self._count = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now - self._window_start >= self._window_s:
+            self._window_start, self._count = now, 0
+        self._count += 1
+        return self._count <= self._budget
+
+
 async def _receive_loop(
-    websocket: WebSocket, session: DeviceSession, decoder: OpusStreamDecoder, version: int
+    websocket: WebSocket,
+    session: DeviceSession,
+    decoder: OpusStreamDecoder,
+    version: int,
+    limiter: FrameRateLimiter,
 ) -> None:
     while True:
         raw = await websocket.receive()
@@ -147,6 +194,8 @@ async def _receive_loop(
                     parse_message(frame.payload.decode("utf-8", "replace"))
                 )
             else:
+                if not limiter.allow():
+                    raise ConnectionRejected(POLICY_VIOLATION, "audio frame rate over the limit")
                 session.handle_audio(decoder.decode(frame.payload))
         elif raw.get("text") is not None:
             await session.handle_message(parse_message(raw["text"]))

@@ -9,6 +9,7 @@ INVALID_PAYLOAD = 1007  # malformed JSON, framing or audio
 MESSAGE_TOO_BIG = 1009
 TRY_AGAIN_LATER = 1013  # overloaded; reconnect later
 GOING_AWAY = 1001
+GOING_RESTART = 1012  # service restart: reconnect (to another gateway)
 INTERNAL_ERROR = 1011
 
 

@@ -13,80 +13,42 @@ order.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
-import numpy as np
-
-from services.common.audio import SAMPLE_RATE, ms_to_samples, samples_to_ms
+from services.common.audio import SAMPLE_RATE, ms_to_samples
 from services.gateway import metrics
 from services.gateway.audio_buffer import UtteranceBuffer
-from services.gateway.compute import ComputeClients
-from services.gateway.config import GatewaySettings
-from services.gateway.errors import INVALID_PAYLOAD, ConnectionRejected
+from services.gateway.errors import GOING_RESTART, INVALID_PAYLOAD, ConnectionRejected
+from services.gateway.framing import PayloadType, encode_frame
+from services.gateway.hub import GatewayContext
 from services.gateway.messages import LISTEN_MODES, LISTEN_STATES
-from services.gateway.store import SessionStore
+from services.gateway.recognition import Utterance, recognize
 from services.gateway.vad_client import VadStreamClient
-from services.gateway.vad_router import VadRouter
-from services.protos import asr_pb2, vad_pb2
+from services.protos import vad_pb2
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 # Audio replayed to a new VAD replica goes in device-sized (60 ms) frames.
 REPLAY_FRAME_SAMPLES = SAMPLE_RATE * 60 // 1000
 # Without a known speech start, replay this much so a start the lost replica
 # had not yet reported is found again.
 REPLAY_LOOKBACK = 2 * SAMPLE_RATE
 
-SendJson = Callable[[dict[str, Any]], Awaitable[None]]
 
+@dataclass(frozen=True)
+class DeviceLink:
+    """How a session reaches its device (the WebSocket)."""
 
-@dataclass
-class GatewayContext:
-    """What every session of a gateway shares."""
-
-    settings: GatewaySettings
-    store: SessionStore
-    compute: ComputeClients
-    vad: VadRouter
-    hub: SessionHub
-
-
-class SessionHub:
-    """Live sessions of this gateway, and the routing of VAD events to them."""
-
-    def __init__(self) -> None:
-        self.sessions: dict[str, DeviceSession] = {}
-        self._by_stream: dict[str, DeviceSession] = {}
-
-    def add(self, session: DeviceSession) -> None:
-        self.sessions[session.session_id] = session
-        metrics.SESSIONS.set(len(self.sessions))
-
-    def remove(self, session: DeviceSession) -> None:
-        self.sessions.pop(session.session_id, None)
-        metrics.SESSIONS.set(len(self.sessions))
-
-    def bind_stream(self, stream_id: str, session: DeviceSession) -> None:
-        self._by_stream[stream_id] = session
-
-    def unbind_stream(self, stream_id: str) -> None:
-        self._by_stream.pop(stream_id, None)
-
-    def on_vad_event(self, event: vad_pb2.SpeechEvent) -> None:
-        session = self._by_stream.get(event.stream_id)
-        if session is not None:
-            session.on_vad_event(event)
-
-    def on_vad_lost(self, client: VadStreamClient) -> None:
-        for session in list(self.sessions.values()):
-            session.on_vad_lost(client)
+    send_text: Callable[[str], Awaitable[None]]
+    send_bytes: Callable[[bytes], Awaitable[None]]
+    close: Callable[[int, str], Awaitable[None]]
+    protocol_version: int
 
 
 @dataclass
@@ -100,7 +62,7 @@ class DeviceSession:
     def __init__(
         self,
         ctx: GatewayContext,
-        send_json: SendJson,
+        link: DeviceLink,
         *,
         session_id: str,
         device_id: str,
@@ -110,7 +72,7 @@ class DeviceSession:
         self.session_id = session_id
         self.device_id = device_id
         self.client_id = client_id
-        self._send_json = send_json
+        self._link = link
         settings = ctx.settings
         self._max_utterance = ms_to_samples(int(settings.max_utterance_s * 1000))
         # Room for the longest utterance plus what VAD looks back before a start.
@@ -290,154 +252,64 @@ class DeviceSession:
             log.warning("session %s: too many utterances awaiting results", self.session_id)
             return
         self._utterance_seq += 1
+        utterance = Utterance(self._utterance_seq, pcm, start, end, cause, decided_at)
         previous = self._last_delivery
         delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._last_delivery = delivered
-        task = asyncio.create_task(
-            self._recognize(
-                self._utterance_seq, pcm, start, end, cause, decided_at, previous, delivered
-            )
-        )
+        task = asyncio.create_task(recognize(self, utterance, previous, delivered))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
-    async def _recognize(
-        self,
-        seq: int,
-        pcm: bytes,
-        start: int,
-        end: int,
-        cause: str,
-        decided_at: float,
-        previous: asyncio.Future[None] | None,
-        delivered: asyncio.Future[None],
-    ) -> None:
-        utterance_id = f"{self.session_id}-{seq}"
+    # -- to the device -----------------------------------------------------
+
+    async def send_json(self, message: dict[str, Any]) -> bool:
+        """Send a message; False when the device has gone (the caller keeps the result)."""
         try:
-            asr: asr_pb2.RecognizeResponse | BaseException
-            speaker: dict[str, Any] | BaseException | None
-            asr, speaker = await asyncio.gather(
-                self._timed("asr", self._transcribe(pcm, utterance_id)),
-                self._timed("speaker", self._identify(pcm, utterance_id)),
-                return_exceptions=True,
-            )
-            if previous is not None:
-                await previous
-            if isinstance(asr, BaseException):
-                await self._report_failure(utterance_id, asr)
-                return
-            if isinstance(speaker, BaseException):
-                log.warning("utterance %s: speaker check failed: %s", utterance_id, speaker)
-                speaker = None
-            processing_ms = (time.monotonic() - decided_at) * 1000
-            message = {
-                "session_id": self.session_id,
-                "type": "stt",
-                "text": asr.text,
-                "utterance_id": utterance_id,
-                "seq": seq,
-                "language": asr.language,
-                "emotion": asr.emotion,
-                "event": asr.event,
-                "speaker": speaker,
-                "timing": {
-                    "start_ms": samples_to_ms(start),
-                    "end_ms": samples_to_ms(end),
-                    "audio_ms": samples_to_ms(len(pcm) // 2),
-                    "processing_ms": round(processing_ms, 1),
-                    "asr_queue_ms": round(asr.queue_ms, 1),
-                    "asr_model_ms": round(asr.model_ms, 1),
-                    "asr_batch": asr.batch_size,
-                    "end_cause": cause,
-                },
-            }
-            await self._deliver(message)
-            metrics.PROCESSING_SECONDS.observe(time.monotonic() - decided_at)
-            metrics.UTTERANCES.labels("ok").inc()
-            await self.ctx.store.save_session(
-                self.session_id,
-                self.device_id,
-                {
-                    "last_utterance_id": utterance_id,
-                    "last_text": asr.text,
-                    "last_result": message,
-                    "utterances": str(seq),
-                },
-            )
-        finally:
-            delivered.set_result(None)
-
-    async def _report_failure(self, utterance_id: str, error: BaseException) -> None:
-        """Tell the device its utterance was not recognised, rather than stay silent."""
-        code = error.code() if isinstance(error, grpc.aio.AioRpcError) else None
-        overloaded = code in (
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-        )
-        reason = "overloaded" if overloaded else "asr_error"
-        metrics.UTTERANCES.labels(reason).inc()
-        log.warning("utterance %s: recognition failed: %s", utterance_id, error)
-        await self._deliver(
-            {
-                "session_id": self.session_id,
-                "type": "alert",
-                "status": "error",
-                "message": "speech service busy, please try again"
-                if overloaded
-                else "speech recognition failed",
-                "emotion": "sad",
-                "utterance_id": utterance_id,
-                "reason": reason,
-            }
-        )
-
-    async def _transcribe(self, pcm: bytes, utterance_id: str) -> asr_pb2.RecognizeResponse:
-        settings = self.ctx.settings
-        return await self.ctx.compute.recognize(
-            pcm, settings.asr_language, settings.asr_use_itn, utterance_id, settings.asr_timeout_s
-        )
-
-    async def _identify(self, pcm: bytes, utterance_id: str) -> dict[str, Any] | None:
-        """Best enrolled voiceprint of this device above the threshold, if any."""
-        prints = await self.ctx.store.voiceprints(self.device_id)
-        if not prints:
-            return None
-        embedding = await self.ctx.compute.embed(
-            pcm, utterance_id, self.ctx.settings.speaker_timeout_s
-        )
-        candidates = [p for p in prints if p.model == embedding.model]
-        if not candidates:
-            metrics.SPEAKER_MATCHES.labels("no_comparable_voiceprint").inc()
-            return None
-        scores = np.stack([p.embedding for p in candidates]) @ embedding.vector
-        best = int(np.argmax(scores))
-        if scores[best] < self.ctx.settings.speaker_threshold:
-            metrics.SPEAKER_MATCHES.labels("unknown").inc()
-            return None
-        metrics.SPEAKER_MATCHES.labels("matched").inc()
-        return {
-            "speaker_id": candidates[best].speaker_id,
-            "name": candidates[best].name,
-            "score": round(float(scores[best]), 4),
-        }
-
-    @staticmethod
-    async def _timed(service: str, awaitable: Awaitable[T]) -> T:
-        started = time.monotonic()
-        try:
-            return await awaitable
-        finally:
-            metrics.COMPUTE_SECONDS.labels(service).observe(time.monotonic() - started)
-
-    async def _deliver(self, message: dict[str, Any]) -> None:
-        try:
-            await self._send_json(message)
+            await self._link.send_text(json.dumps(message, ensure_ascii=False))
         except Exception as exc:
-            # The device left; the result stays in Redis with the session record.
-            log.info("session %s: result not delivered: %s", self.session_id, exc)
+            log.info("session %s: message not delivered: %s", self.session_id, exc)
+            return False
+        return True
+
+    async def deliver_reply(self, data: bytes) -> str:
+        """Forward a backend message: JSON as a text frame, anything else as Opus audio."""
+        if data[:1] == b"{":
+            try:
+                message = json.loads(data)
+            except ValueError:
+                return "dropped"
+            message["session_id"] = self.session_id
+            return "json" if await self.send_json(message) else "dropped"
+        try:
+            version = self._link.protocol_version
+            await self._link.send_bytes(encode_frame(version, data, PayloadType.OPUS))
+        except Exception:
+            return "dropped"
+        return "audio"
+
+    async def deliver_undelivered(self) -> None:
+        """Results computed for this device while it was away, oldest first."""
+        for message in await self.ctx.store.take_undelivered(self.device_id):
+            message.setdefault("original_session_id", message.get("session_id"))
+            message["session_id"] = self.session_id
+            message["redelivered"] = True
+            if not await self.send_json(message):
+                await self.ctx.store.save_undelivered(self.device_id, message)
 
     # -- lifecycle -------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Stop listening: speech in progress ends now and is still recognised."""
+        self._stop_listening()
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Until every utterance has its result and every VAD stream is closed (bounded)."""
+        deadline = time.monotonic() + timeout
+        while (self._inflight or self._streams) and time.monotonic() < deadline:
+            if self._inflight:
+                await asyncio.wait(set(self._inflight), timeout=deadline - time.monotonic())
+            else:
+                await asyncio.sleep(0.02)
 
     def record_connected(
         self, client_id: str, protocol_version: int, hello: dict[str, Any]
@@ -461,6 +333,10 @@ class DeviceSession:
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def close_for_restart(self) -> None:
+        """Close the device socket with 1012 (service restart): devices reconnect."""
+        await self._link.close(GOING_RESTART, "gateway restarting, please reconnect")
 
     async def close(self) -> None:
         for stream_id, stream in list(self._streams.items()):

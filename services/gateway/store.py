@@ -6,30 +6,48 @@ Keys (all under ``sf:``):
   sf:device:<device_id>     hash: the device's current session and gateway
   sf:voiceprints:<device>   hash: speaker id -> JSON voiceprint
   sf:auth:tokens            set of accepted device tokens
-Writes that fail (Redis down) are logged and counted; they never fail a device.
+  sf:transcripts            stream: one entry per recognised utterance, for
+                            dialogue backends (consumer groups, at-least-once)
+  sf:undelivered:<device>   list: results whose device had gone; sent on reconnect
+  sf:reply:<session_id>     pub/sub channel: backend -> device messages and audio
+Writes that fail (Redis down) are counted and kept in a bounded queue that is
+replayed, in order, once Redis answers again; they never fail a device.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import logging
 import time
 import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 log = logging.getLogger(__name__)
 
 REDIS_ERRORS = Counter(
     "speechfront_gateway_redis_errors_total", "Redis operations that failed, by operation.", ["op"]
 )
+REDIS_UP = Gauge("speechfront_gateway_redis_up", "1 while the gateway's Redis answers pings.")
+REDIS_PENDING = Gauge(
+    "speechfront_gateway_redis_pending_writes", "Writes waiting for Redis to come back."
+)
 
 TOKENS_KEY = "sf:auth:tokens"
+TRANSCRIPTS_KEY = "sf:transcripts"
+TRANSCRIPTS_MAXLEN = 100_000
+MAX_PENDING_WRITES = 10_000
+
+Write = Callable[[], Awaitable[Any]]
 
 
 @dataclass(frozen=True)
@@ -70,16 +88,61 @@ class SessionStore:
         self._redis = aioredis.from_url(
             url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0
         )
+        # Pub/sub payloads may be Opus audio, so that connection keeps bytes.
+        self.raw = aioredis.from_url(url, socket_timeout=None, socket_connect_timeout=2.0)
         self._ttl = session_ttl_s
+        self._pending: deque[tuple[str, Write]] = deque(maxlen=MAX_PENDING_WRITES)
+        self._watcher: asyncio.Task[None] | None = None
+        self.up = True
+
+    def start(self) -> None:
+        self._watcher = asyncio.create_task(self._watch(), name="redis-watch")
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        await self._flush_pending()
         await self._redis.aclose()
+        await self.raw.aclose()
 
     async def ping(self) -> bool:
         try:
             return bool(await self._redis.ping())
         except Exception:
             return False
+
+    async def _watch(self) -> None:
+        """Track whether Redis answers and replay queued writes when it does again."""
+        while True:
+            self.up = await self.ping()
+            REDIS_UP.set(1 if self.up else 0)
+            if self.up and self._pending:
+                await self._flush_pending()
+            await asyncio.sleep(1.0)
+
+    async def _flush_pending(self) -> None:
+        while self._pending:
+            _op, write = self._pending[0]
+            try:
+                await write()
+            except Exception:
+                return  # still down; keep the order and try again later
+            self._pending.popleft()
+            REDIS_PENDING.set(len(self._pending))
+        log.info("redis writes queued during the outage are written")
+
+    async def _guarded(self, op: str, write: Write) -> None:
+        try:
+            await write()
+        except Exception as exc:
+            REDIS_ERRORS.labels(op).inc()
+            if len(self._pending) == MAX_PENDING_WRITES:
+                REDIS_ERRORS.labels("pending_overflow").inc()
+            self._pending.append((op, write))
+            REDIS_PENDING.set(len(self._pending))
+            log.warning("redis %s write failed (%s); queued for retry", op, exc)
 
     async def token_is_valid(self, token: str) -> bool:
         try:
@@ -97,7 +160,7 @@ class SessionStore:
             k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()
         }
         record["updated_at"] = str(time.time())
-        await self._guard("session", self._write_session(session_id, device_id, record))
+        await self._guarded("session", lambda: self._write_session(session_id, device_id, record))
 
     async def _write_session(self, session_id: str, device_id: str, record: dict[Any, Any]) -> None:
         key = f"sf:session:{session_id}"
@@ -116,6 +179,43 @@ class SessionStore:
         result = await self._redis.hgetall(f"sf:session:{session_id}")
         return {str(k): str(v) for k, v in result.items()}
 
+    async def append_transcript(self, fields: dict[str, Any]) -> None:
+        entry: dict[Any, Any] = {
+            k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+            for k, v in fields.items()
+        }
+        await self._guarded(
+            "transcript",
+            lambda: self._redis.xadd(
+                TRANSCRIPTS_KEY, entry, maxlen=TRANSCRIPTS_MAXLEN, approximate=True
+            ),
+        )
+
+    async def save_undelivered(self, device_id: str, message: dict[str, Any]) -> None:
+        key = f"sf:undelivered:{device_id}"
+
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.rpush(key, json.dumps(message, ensure_ascii=False))
+                pipe.ltrim(key, -100, -1)
+                pipe.expire(key, self._ttl)
+                await pipe.execute()
+
+        await self._guarded("undelivered", write)
+
+    async def take_undelivered(self, device_id: str) -> list[dict[str, Any]]:
+        key = f"sf:undelivered:{device_id}"
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.lrange(key, 0, -1)
+                pipe.delete(key)
+                items, _ = await pipe.execute()
+        except Exception as exc:
+            REDIS_ERRORS.labels("undelivered").inc()
+            log.warning("reading undelivered results failed: %s", exc)
+            return []
+        return [json.loads(item) for item in items]
+
     async def voiceprints(self, device_id: str) -> list[Voiceprint]:
         raw = await self._redis.hgetall(f"sf:voiceprints:{device_id}")
         return [Voiceprint.from_json(str(k), v) for k, v in sorted(raw.items())]
@@ -129,10 +229,3 @@ class SessionStore:
 
     async def delete_voiceprint(self, device_id: str, speaker_id: str) -> bool:
         return bool(await self._redis.hdel(f"sf:voiceprints:{device_id}", speaker_id))
-
-    async def _guard(self, op: str, awaitable: Any) -> None:
-        try:
-            await awaitable
-        except Exception as exc:
-            REDIS_ERRORS.labels(op).inc()
-            log.warning("redis %s write failed: %s", op, exc)
