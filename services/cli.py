@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> None:
         "--open", action="store_true", help="open mode: accept devices without a valid token"
     )
 
+    sub.add_parser(
+        "echo-backend", help="example dialogue backend: echoes transcripts back", add_help=False
+    )
+
     sim = sub.add_parser("simulate", help="stream speech to the gateway as a device would")
     sim.add_argument("--url", default="ws://127.0.0.1:8000/xiaozhi/v1/")
     sim.add_argument("--token")
@@ -140,7 +144,14 @@ def main(argv: list[str] | None = None) -> None:
     sim.add_argument("--speed", type=float, default=1.0, help="1.0 = real time")
     sim.add_argument("--timeout", type=float, default=30.0)
 
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "echo-backend":
+        from services.backend_example import main as backend_main
+
+        backend_main(rest)
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command in SERVICES:
         _run_service(args.command)
     elif args.command == "cluster":

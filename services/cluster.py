@@ -104,6 +104,7 @@ class LocalCluster:
         extra_env: dict[str, str] | None = None,
         host: str = "127.0.0.1",
         replicas: dict[str, int] | None = None,
+        idle: dict[str, int] | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.ports = ports or ClusterPorts()
@@ -112,6 +113,8 @@ class LocalCluster:
         self._extra_env = extra_env or {}
         self.processes: dict[str, ServiceProcess] = {}
         counts = {"gateway": 1, **{s: 1 for s in COMPUTE_SERVICES}, **(replicas or {})}
+        for service, extra in (idle or {}).items():
+            counts[service] += extra
         p = self.ports
         first = {
             "vad": (p.vad, p.vad_metrics),
@@ -126,6 +129,11 @@ class LocalCluster:
                 for i in range(counts[service])
             ]
             for service in ("vad", "asr", "speaker", "gateway")
+        }
+        # Declared in the gateways' targets but not started: a replica that a
+        # test brings up later (``respawn``), as a scale-up would.
+        self.idle = {
+            r.name for service, n in (idle or {}).items() for r in self.replicas[service][-n:]
         }
 
     @property
@@ -173,14 +181,15 @@ class LocalCluster:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._start_redis()
-            for service in COMPUTE_SERVICES:
-                for replica in self.replicas[service]:
-                    self._spawn_replica(replica)
+            running = [
+                r for s in COMPUTE_SERVICES for r in self.replicas[s] if r.name not in self.idle
+            ]
+            for replica in running:
+                self._spawn_replica(replica)
             deadline = time.monotonic() + timeout
             self._wait_redis(deadline)
-            for service in COMPUTE_SERVICES:
-                for replica in self.replicas[service]:
-                    self._wait_grpc(replica.name, replica.port, deadline)
+            for replica in running:
+                self._wait_grpc(replica.name, replica.port, deadline)
             for replica in self.replicas["gateway"]:
                 self._spawn_replica(replica)
             for replica in self.replicas["gateway"]:
@@ -203,13 +212,24 @@ class LocalCluster:
         proc.kill()
         proc.wait(10)
 
-    def add_replica(self, service: str, timeout: float = 120.0) -> Replica:
-        """Start one more replica of a compute service on fresh ports and wait for it."""
-        replica = Replica(service, len(self.replicas[service]), free_port(), free_port())
-        self.replicas[service].append(replica)
+    def respawn(self, name: str, timeout: float = 120.0) -> None:
+        """Start a killed process again on its old ports (a restarted pod)."""
+        if name == "redis":
+            self._start_redis()
+            self._wait_redis(time.monotonic() + timeout)
+            return
+        replica = next(r for rs in self.replicas.values() for r in rs if r.name == name)
         self._spawn_replica(replica)
-        self._wait_grpc(replica.name, replica.port, time.monotonic() + timeout)
-        return replica
+        deadline = time.monotonic() + timeout
+        if replica.service == "gateway":
+            self._wait_http(name, f"http://127.0.0.1:{replica.port}/readyz", deadline)
+        else:
+            self._wait_grpc(name, replica.port, deadline)
+
+    def start_backend(self) -> None:
+        """The example dialogue backend, reading this cluster's transcript stream."""
+        argv = [sys.executable, "-m", "services.cli", "echo-backend"]
+        self._spawn("echo-backend", [*argv, "--redis-url", self.redis_url])
 
     def stop(self, timeout: float = 20.0) -> None:
         for proc in reversed(list(self.processes.values())):

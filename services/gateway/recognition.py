@@ -74,6 +74,10 @@ async def recognize(
         if isinstance(speaker, BaseException):
             log.warning("utterance %s: speaker check failed: %s", utterance_id, speaker)
             speaker = None
+        if not asr.text.strip():
+            # Noise or a cough: nothing to show the user or hand to the backend.
+            metrics.UTTERANCES.labels("empty").inc()
+            return
         message = _stt_message(session, utterance, utterance_id, asr, speaker)
         store = session.ctx.store
         await store.append_transcript(

@@ -241,7 +241,10 @@ class DeviceSession:
 
     def _finish_utterance(self, start: int, end: int, cause: str) -> None:
         decided_at = time.monotonic()
-        self._replay_floor = max(self._replay_floor, end)
+        # The silence window after an end is silence by definition (that is how
+        # the end was decided): a replay starting there cannot cut a word in two.
+        silence = ms_to_samples(self.ctx.settings.vad_silence_ms)
+        self._replay_floor = max(self._replay_floor, min(end + silence, self._buffer.end))
         pcm = self._buffer.slice(start, end)
         self._buffer.discard_before(min(end, self._buffer.end))
         if len(pcm) // 2 < ms_to_samples(self.ctx.settings.min_utterance_ms):

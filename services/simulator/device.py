@@ -51,6 +51,8 @@ class SimulatedDevice:
         self.config = config
         self.session_id = ""
         self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        # Binary frames from the server (TTS audio), as received.
+        self.audio_frames: list[bytes] = []
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._encoder = opuslib.Encoder(SAMPLE_RATE, 1, opuslib.APPLICATION_VOIP)
@@ -112,6 +114,8 @@ class SimulatedDevice:
                     message = json.loads(raw)
                     message["_received_at"] = time.monotonic()
                     await self.messages.put(message)
+                else:
+                    self.audio_frames.append(raw)
         except websockets.ConnectionClosed:
             pass
         finally:

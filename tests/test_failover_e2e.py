@@ -1,0 +1,279 @@
+"""Replicas of every service: losing one costs a retry, not an utterance.
+
+One cluster with two replicas of every service (and a third, idle asr slot)
+runs these in order; destructive tests bring what they killed back up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Iterator
+from typing import cast
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from conftest import ADMIN_TOKEN, DEVICE_TOKEN
+from support.wer import word_error_rate
+
+from services.cluster import LocalCluster
+from services.common.audio import write_wav
+from services.simulator.device import DeviceConfig, SimulatedDevice, SttResult
+from services.simulator.speech import silence, synthesize
+
+pytestmark = pytest.mark.e2e
+
+SENTENCES = [
+    "turn on the kitchen lights",
+    "what is the weather like tomorrow",
+    "play some jazz music",
+    "how far is the moon from the earth",
+    "close the curtains in the bedroom",
+    "tell me a funny story",
+    "open the front door",
+    "what is the capital of france",
+    "switch off the radio",
+    "read me the latest news",
+]
+VOICES = ["en", "en+f3", "en+m7", "en-us+f5"]
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(
+        tmp_path_factory.mktemp("replicated"),
+        replicas={"gateway": 2, "vad": 2, "asr": 2, "speaker": 2},
+        idle={"asr": 1},
+        extra_env={
+            "SF_GATEWAY_AUTH_TOKENS": DEVICE_TOKEN,
+            "SF_GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
+            "SF_GATEWAY_SPEAKER_THRESHOLD": "0.86",
+            "SF_ASR_MAX_CONNECTION_AGE_S": "5",
+            "SF_ASR_MAX_CONNECTION_AGE_GRACE_S": "5",
+        },
+    )
+    cluster.start(timeout=300)
+    cluster.start_backend()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def store(replicated: LocalCluster) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(replicated.redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def device(cluster: LocalCluster, device_id: str) -> SimulatedDevice:
+    return SimulatedDevice(
+        DeviceConfig(url=cluster.device_url, token=DEVICE_TOKEN, device_id=device_id)
+    )
+
+
+def clip(i: int) -> np.ndarray:
+    return synthesize(SENTENCES[i % len(SENTENCES)], VOICES[i % len(VOICES)])
+
+
+def assert_right_text(result: SttResult, spoken: str) -> None:
+    distances = [word_error_rate([s], [result.text]) for s in SENTENCES]
+    assert SENTENCES[distances.index(min(distances))] == spoken, json.dumps(
+        [spoken, result.message]
+    )
+
+
+def enrol(cluster: LocalCluster, device_ids: list[str]) -> None:
+    """Voiceprints make every utterance of these devices ask the speaker service too."""
+    wav = write_wav(np.concatenate([synthesize(" ".join(SENTENCES[:3]), "en+m7"), silence(0.2)]))
+    for device_id in device_ids:
+        reply = httpx.post(
+            f"{cluster.gateway_url}/v1/devices/{device_id}/speakers",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            data={"name": "owner"},
+            files={"audio": ("a.wav", wav, "audio/wav")},
+            timeout=30,
+        )
+        reply.raise_for_status()
+
+
+async def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.1)
+
+
+async def test_backend_reply_reaches_only_its_device(
+    replicated: LocalCluster, store: redis.Redis
+) -> None:
+    a, b = device(replicated, "reply-a"), device(replicated, "reply-b")
+    await a.connect()
+    await b.connect()
+    llm = json.dumps({"type": "llm", "emotion": "happy", "text": "hi"})
+    # Subscriptions are made just after the hello; publish reports its listeners.
+    await wait_for(lambda: store.publish(f"sf:reply:{a.session_id}", llm) > 0, 10, "subscribe")
+    message = await a.expect("llm", timeout=5)
+    assert message["session_id"] == a.session_id
+    store.publish(f"sf:reply:{a.session_id}", b"\x78\x01\x02\x03")  # an Opus packet
+    await wait_for(lambda: len(a.audio_frames) > 0, 5, "audio reply")
+    assert a.audio_frames[0][4:] == b"\x78\x01\x02\x03"  # v3 header, then the packet
+    # The echo backend answers each device through whichever gateway holds it.
+    [said_b] = await b.speak_auto([clip(2)])
+    echo = await b.expect("tts", timeout=10)
+    assert echo["text"] == f"You said: {said_b.text}"
+    assert a.messages.empty() and len(a.audio_frames) == 1
+    assert b.audio_frames == []
+    await a.close()
+    await b.close()
+
+
+async def test_new_asr_replica_takes_requests_within_connection_age(
+    replicated: LocalCluster,
+) -> None:
+    talkers = [device(replicated, f"scale-{i}") for i in range(4)]
+    await asyncio.gather(*(d.connect() for d in talkers))
+    load = asyncio.gather(*(d.speak_auto([clip(i), clip(i + 1), clip(i + 2)], gap_s=1.0)
+                            for i, d in enumerate(talkers)))  # fmt: skip
+    started = time.monotonic()
+    await asyncio.to_thread(replicated.respawn, "asr-2")
+    metrics_url = f"http://127.0.0.1:{replicated.replicas['asr'][2].metrics_port}/metrics"
+
+    def served() -> bool:
+        text = httpx.get(metrics_url, timeout=5).text
+        return 'speechfront_requests_total{outcome="ok",service="asr"}' in text
+
+    await wait_for(served, 15, "new asr replica got no request within 15 s")
+    results = await load
+    assert time.monotonic() - started < 40
+    assert all(len(r) == 3 for r in results)
+
+
+async def test_compute_and_vad_replica_losses_lose_no_utterance(replicated: LocalCluster) -> None:
+    ids = [f"failover-{i}" for i in range(30)]
+    await asyncio.to_thread(enrol, replicated, ids)
+    devices = [device(replicated, device_id) for device_id in ids]
+    await asyncio.gather(*(d.connect() for d in devices))
+    spoken = [[SENTENCES[(i + k) % len(SENTENCES)] for k in range(3)] for i in range(30)]
+    talk = asyncio.gather(
+        *(
+            d.speak_auto([clip(i), clip(i + 1), clip(i + 2)], gap_s=1.5, timeout=60)
+            for i, d in enumerate(devices)
+        )
+    )
+    for victim in ("asr-1", "speaker-1", "vad-1"):
+        await asyncio.sleep(3.0)  # let utterances be in flight on every replica
+        replicated.kill(victim)
+    results = await talk
+    for device_results, sentences in zip(results, spoken, strict=True):
+        assert len(device_results) == 3
+        for result, sentence in zip(device_results, sentences, strict=True):
+            assert_right_text(result, sentence)
+    # Exactly one stt each: nothing more arrives for any device.
+    await asyncio.sleep(1.0)
+    assert all(not any(m.get("type") == "stt" for m in _drain(d)) for d in devices)
+    for victim in ("asr-1", "speaker-1", "vad-1"):
+        await asyncio.to_thread(replicated.respawn, victim)
+
+
+def _drain(d: SimulatedDevice) -> list[dict[str, object]]:
+    items = []
+    while not d.messages.empty():
+        items.append(d.messages.get_nowait())
+    return items
+
+
+async def talk_through_gateway_loss(
+    cluster: LocalCluster, device_id: str, sentences: list[int]
+) -> tuple[list[SttResult], int]:
+    """Speak each sentence; on a dropped connection reconnect (via the front) and go on."""
+    results: list[SttResult] = []
+    reconnects, pending = 0, list(sentences)
+    while pending and reconnects < 5:
+        d = device(cluster, device_id)
+        try:
+            await d.connect()
+            while pending:
+                [result] = await d.speak_auto([clip(pending[0])], timeout=20)
+                results.append(result)
+                pending.pop(0)
+        except Exception:
+            reconnects += 1
+        finally:
+            await d.close()
+    return results, reconnects
+
+
+async def test_gateway_loss_devices_reconnect_and_each_utterance_is_recorded_once(
+    replicated: LocalCluster, store: redis.Redis
+) -> None:
+    talks = asyncio.gather(
+        *(talk_through_gateway_loss(replicated, f"gw-loss-{i}", [i, i + 1, i + 2])
+          for i in range(8))
+    )  # fmt: skip
+    await asyncio.sleep(4.0)
+    replicated.kill("gateway-1")
+    outcomes = await talks
+    assert all(len(results) == 3 for results, _ in outcomes), outcomes
+    assert sum(reconnects for _, reconnects in outcomes) >= 1
+    entries = cast(list[tuple[str, dict[str, str]]], store.xrange("sf:transcripts"))
+    ids = [f["utterance_id"] for _, f in entries if f["device_id"].startswith("gw-loss-")]
+    assert len(ids) == len(set(ids)), "an utterance id appears twice in the transcript stream"
+    delivered = {r.message["utterance_id"] for results, _ in outcomes for r in results}
+    assert delivered <= set(ids)
+    await asyncio.to_thread(replicated.respawn, "gateway-1")
+
+
+async def test_redis_outage_keeps_speech_recognised_and_state_is_written_after(
+    replicated: LocalCluster, store: redis.Redis
+) -> None:
+    d = device(replicated, "redis-outage")
+    await d.connect()
+    replicated.kill("redis")
+    during = await d.speak_auto([clip(0), clip(1)], gap_s=1.5)
+    assert [r.text for r in during] and all(r.text for r in during)
+    ready = httpx.get(f"{replicated.gateway_url}/readyz", timeout=5).json()
+    assert ready["status"] == "degraded"
+    await asyncio.sleep(max(0.0, 10.0 - 5.0))  # keep Redis down about 10 s in all
+    await asyncio.to_thread(replicated.respawn, "redis")
+    key = f"sf:session:{d.session_id}"
+    await wait_for(lambda: store.hget(key, "last_utterance_id") is not None, 15, "state rewritten")
+    assert store.hget(key, "last_utterance_id") == during[-1].message["utterance_id"]
+    assert all(p.process.poll() is None for n, p in replicated.processes.items() if n != "front")
+    await d.close()
+
+
+async def test_sigterm_on_a_gateway_loses_no_utterance_that_had_ended(
+    replicated: LocalCluster, store: redis.Redis
+) -> None:
+    devices = [device(replicated, f"drain-{i}") for i in range(6)]
+    await asyncio.gather(*(d.connect() for d in devices))
+
+    def gateway_of(d: SimulatedDevice) -> str | None:
+        value = store.hget(f"sf:session:{d.session_id}", "gateway_id")
+        return None if value is None else str(value)
+
+    await wait_for(lambda: all(gateway_of(d) for d in devices), 10, "session records")
+    on_target = [d for d in devices if gateway_of(d) == "gateway-1"]
+    assert on_target, "the front spread no device onto gateway-1"
+    first, second = synthesize("open the front door"), clip(4)
+    talk = asyncio.gather(
+        *(d.speak_auto([first, second], gap_s=1.5, timeout=30) for d in devices),
+        return_exceptions=True,
+    )
+    # The first utterance (about 1.3 s after 0.3 s of silence) has ended by now.
+    await asyncio.sleep(3.5)
+    replicated.processes["gateway-1"].process.send_signal(signal.SIGTERM)
+    await talk
+    for d in on_target:
+        code, _ = await d.wait_closed(30)
+        assert code == 1012
+        texts = [str(m["text"]) for m in _drain(d) if m.get("type") == "stt"]
+        assert texts and word_error_rate(["open the front door"], [texts[0]]) <= 0.25, texts
+    await asyncio.to_thread(replicated.respawn, "gateway-1")
