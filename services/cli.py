@@ -38,14 +38,30 @@ def _run_cluster(args: argparse.Namespace) -> None:
         # Threshold measured for the lite d-vector model on espeak voices.
         "SF_GATEWAY_SPEAKER_THRESHOLD": "0.86",
     }
+    replicas = (
+        dict(
+            (name, int(count))
+            for name, count in (item.split("=") for item in args.replicas.split(","))
+        )
+        if args.replicas
+        else None
+    )
     cluster = LocalCluster(
-        Path(args.run_dir), ClusterPorts.standard(), extra_env=extra, host=args.host
+        Path(args.run_dir),
+        ClusterPorts.standard(),
+        extra_env=extra,
+        host=args.host,
+        replicas=replicas,
     )
     # Stop the children on SIGTERM as on Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     print("starting redis, vad, asr, speaker and gateway (lite profile) ...", flush=True)
+    if args.backend:
+        print("with the example echo backend", flush=True)
     started = time.monotonic()
     cluster.start()
+    if args.backend:
+        cluster.start_backend()
     p = cluster.ports
     print(
         f"""
@@ -124,6 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     cluster.add_argument("--host", default="127.0.0.1", help="address services bind")
     cluster.add_argument("--token", help="device token to accept (default: a random one)")
     cluster.add_argument("--admin-token", help="speaker API token (default: a random one)")
+    cluster.add_argument(
+        "--backend", action="store_true", help="also run the example echo dialogue backend"
+    )
+    cluster.add_argument(
+        "--replicas",
+        help="replicas per service, e.g. gateway=2,vad=2,asr=2,speaker=2 (default 1 each)",
+    )
     cluster.add_argument(
         "--open", action="store_true", help="open mode: accept devices without a valid token"
     )
