@@ -9,7 +9,6 @@ BIN := $(VENV)/bin
 MODELS := models
 WHEELS := $(MODELS)/.wheels
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := redis-server espeak-ng sox libopus0
 PROTOS := $(wildcard protos/*.proto)
 PROTO_OUT := services/protos
 

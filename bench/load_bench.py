@@ -33,8 +33,9 @@ import httpx
 import numpy as np
 
 from services.cluster import ClusterPorts, LocalCluster
-from services.common.audio import write_wav
+from services.simulator.admin import enrol_speaker
 from services.simulator.device import FRAME_SAMPLES, DeviceConfig, SimulatedDevice
+from services.simulator.phrases import SENTENCES, VOICES
 from services.simulator.speech import silence, synthesize, trim_silence
 
 TOKEN, ADMIN = "bench-token", "bench-admin"
@@ -49,20 +50,6 @@ DESIGNS: dict[str, dict[str, str]] = {
         "SF_SPEAKER_MAX_BATCH": "1",
     },
 }
-
-SENTENCES = [
-    "turn on the kitchen lights",
-    "what is the weather like tomorrow",
-    "play some jazz music",
-    "how far is the moon from the earth",
-    "close the curtains in the bedroom",
-    "tell me a funny story",
-    "open the front door",
-    "what is the capital of france",
-    "switch off the radio",
-    "read me the latest news",
-]
-VOICES = ["en", "en+f3", "en+m7", "en-us+f5"]
 
 
 @dataclass
@@ -259,16 +246,9 @@ async def run_step(
 
 def enrol_speakers(cluster: LocalCluster, devices: int) -> None:
     """Give every device a voiceprint so each utterance also asks the speaker service."""
-    wav = write_wav(np.concatenate([synthesize(" ".join(SENTENCES[:3]), "en+m7"), silence(0.2)]))
+    audio = np.concatenate([synthesize(" ".join(SENTENCES[:3]), "en+m7"), silence(0.2)])
     for seed in range(devices):
-        reply = httpx.post(
-            f"{cluster.gateway_url}/v1/devices/bench-{seed}/speakers",
-            headers={"Authorization": f"Bearer {ADMIN}"},
-            data={"name": "bench"},
-            files={"audio": ("a.wav", wav, "audio/wav")},
-            timeout=60,
-        )
-        reply.raise_for_status()
+        enrol_speaker(cluster.gateway_url, ADMIN, f"bench-{seed}", "bench", audio)
 
 
 def largest_within(results: list[StepResult], design: str, target_ms: float) -> int:
@@ -357,10 +337,10 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--devices", default="2,4,8,12,16,24,32", help="sweep of N")
-    parser.add_argument("--seconds", type=float, default=45.0, help="talk time per step")
+    parser.add_argument("--devices", default="4,8,16,24,32,50,64", help="sweep of N")
+    parser.add_argument("--seconds", type=float, default=40.0, help="talk time per step")
     parser.add_argument("--duty", type=float, default=0.3, help="fraction of time speaking")
-    parser.add_argument("--target-ms", type=float, default=2000.0, help="p95 user-perceived")
+    parser.add_argument("--target-ms", type=float, default=1500.0, help="p95 user-perceived")
     parser.add_argument("--designs", default=",".join(DESIGNS))
     parser.add_argument("--out", default="bench-results")
     asyncio.run(main_async(parser.parse_args()))

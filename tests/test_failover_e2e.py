@@ -21,25 +21,12 @@ from conftest import ADMIN_TOKEN, DEVICE_TOKEN
 from support.wer import word_error_rate
 
 from services.cluster import LocalCluster
-from services.common.audio import write_wav
+from services.simulator.admin import enrol_speaker
 from services.simulator.device import DeviceConfig, SimulatedDevice, SttResult
+from services.simulator.phrases import SENTENCES, VOICES
 from services.simulator.speech import silence, synthesize
 
 pytestmark = pytest.mark.e2e
-
-SENTENCES = [
-    "turn on the kitchen lights",
-    "what is the weather like tomorrow",
-    "play some jazz music",
-    "how far is the moon from the earth",
-    "close the curtains in the bedroom",
-    "tell me a funny story",
-    "open the front door",
-    "what is the capital of france",
-    "switch off the radio",
-    "read me the latest news",
-]
-VOICES = ["en", "en+f3", "en+m7", "en-us+f5"]
 
 
 @pytest.fixture(scope="module")
@@ -90,16 +77,9 @@ def assert_right_text(result: SttResult, spoken: str) -> None:
 
 def enrol(cluster: LocalCluster, device_ids: list[str]) -> None:
     """Voiceprints make every utterance of these devices ask the speaker service too."""
-    wav = write_wav(np.concatenate([synthesize(" ".join(SENTENCES[:3]), "en+m7"), silence(0.2)]))
+    audio = np.concatenate([synthesize(" ".join(SENTENCES[:3]), "en+m7"), silence(0.2)])
     for device_id in device_ids:
-        reply = httpx.post(
-            f"{cluster.gateway_url}/v1/devices/{device_id}/speakers",
-            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-            data={"name": "owner"},
-            files={"audio": ("a.wav", wav, "audio/wav")},
-            timeout=30,
-        )
-        reply.raise_for_status()
+        enrol_speaker(cluster.gateway_url, ADMIN_TOKEN, device_id, "owner", audio)
 
 
 async def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import numpy as np
 import pytest
 from conftest import ADMIN_TOKEN, DeviceFactory
 
 from services.cluster import LocalCluster
-from services.common.audio import write_wav
+from services.simulator.admin import enrol_speaker
 from services.simulator.speech import silence, synthesize
 
 pytestmark = pytest.mark.e2e
@@ -20,18 +22,9 @@ ENROL_TEXT = (
 )
 
 
-def enrol(cluster: LocalCluster, device_id: str, name: str, voice: str) -> dict[str, object]:
+def enrol(cluster: LocalCluster, device_id: str, name: str, voice: str) -> dict[str, Any]:
     audio = np.concatenate([synthesize(ENROL_TEXT, voice), silence(0.2)])
-    reply = httpx.post(
-        f"{cluster.gateway_url}/v1/devices/{device_id}/speakers",
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-        data={"name": name},
-        files={"audio": ("enrol.wav", write_wav(audio), "audio/wav")},
-        timeout=30,
-    )
-    assert reply.status_code == 201, reply.text
-    body: dict[str, object] = reply.json()
-    return body
+    return enrol_speaker(cluster.gateway_url, ADMIN_TOKEN, device_id, name, audio)
 
 
 async def test_enrolled_voice_is_reported_as_the_speaker(
