@@ -173,7 +173,7 @@ def test_prometheus_operator_and_keda_objects_match_their_schemas(overlay: str) 
     assert checked >= 9  # 4 ServiceMonitors, 4 ScaledObjects, 1 PrometheusRule
 
 
-@overlays
+@pytest.mark.parametrize("overlay", ["gpu", "cpu-lite"])
 def test_gateway_api_routes_match_their_schemas(overlay: str) -> None:
     assert (SCHEMA_CHECK / "node_modules").is_dir(), "run `make deploy-tools`"
     routes = [o for o in render(overlay) if o["apiVersion"] == GATEWAY_API]
@@ -189,6 +189,19 @@ def test_gateway_api_routes_match_their_schemas(overlay: str) -> None:
     )
     failures = [r for r in json.loads(result.stdout) if not r["ok"]]
     assert not failures, failures
+
+
+def test_ingress_nginx_overlay_routes_devices_with_device_id_affinity() -> None:
+    objects = render("gpu-ingress-nginx")
+    assert not [o for o in objects if o["apiVersion"] == GATEWAY_API]
+    [ingress] = by_kind(objects, "Ingress")
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/upstream-hash-by"] == "$http_device_id"
+    # Far above the device's own 120 s silence limit.
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600
+    [path] = ingress["spec"]["rules"][0]["http"]["paths"]
+    assert path["path"] == "/xiaozhi/v1"
+    assert path["backend"]["service"]["name"] == "gateway"
 
 
 @overlays
