@@ -28,6 +28,9 @@ class VadSettings(ServiceSettings):
     )
     tick_ms: int = Field(60, ge=10, le=1000, description="How often all streams advance together.")
     max_streams: int = Field(4000, ge=1, description="Live streams per replica before refusing.")
+    max_step_s: float = Field(
+        2.0, gt=0, description="Audio per stream advanced in one tick (bounds a step's memory)."
+    )
     max_backlog_s: float = Field(
         10.0, gt=0, description="Unprocessed audio per stream before it is failed."
     )

@@ -92,6 +92,7 @@ def main() -> None:
         tick_ms=settings.tick_ms,
         max_streams=settings.max_streams,
         max_backlog_s=settings.max_backlog_s,
+        max_step_s=settings.max_step_s,
     )
 
     async def start() -> None:

@@ -60,6 +60,7 @@ class StreamTable:
         tick_ms: int,
         max_streams: int,
         max_backlog_s: float,
+        max_step_s: float = 2.0,
     ) -> None:
         self._engine = engine
         self._inference = inference
@@ -67,6 +68,7 @@ class StreamTable:
         self._tick_s = tick_ms / 1000
         self._max_streams = max_streams
         self._max_backlog = int(max_backlog_s * SAMPLE_RATE)
+        self._max_step = int(max_step_s * SAMPLE_RATE)
         self._streams: dict[tuple[int, str], _Stream] = {}
         self._closing: set[tuple[int, str]] = set()
         self._ticker: asyncio.Task[None] | None = None
@@ -150,14 +152,9 @@ class StreamTable:
                 continue
             engine_id = self.engine_id(stream.key)
             if stream.pending:
-                chunks[engine_id] = (
-                    stream.pending[0]
-                    if len(stream.pending) == 1
-                    else np.concatenate(stream.pending)
-                )
-                stream.pending.clear()
-                stream.pending_samples = 0
-            if stream.flush:
+                chunks[engine_id] = self._take(stream)
+            # A flush applies once everything before it has been stepped.
+            if stream.flush and not stream.pending:
                 final.append(engine_id)
             stepped[engine_id] = stream
         if not stepped:
@@ -195,6 +192,19 @@ class StreamTable:
                 ),
             )
             self._forget(closed.key)
+
+    def _take(self, stream: _Stream) -> np.ndarray:
+        """A stream's pending audio, at most ``max_step`` samples of it.
+
+        A replica that fell behind catches up over several ticks instead of in
+        one huge step, so the memory of a step stays bounded however far
+        behind it is.
+        """
+        audio = stream.pending[0] if len(stream.pending) == 1 else np.concatenate(stream.pending)
+        taken, rest = audio[: self._max_step], audio[self._max_step :]
+        stream.pending = [rest] if rest.size else []
+        stream.pending_samples = rest.size
+        return taken
 
     def _drop(self, stream: _Stream, reason: str, detail: str) -> None:
         self._fail(stream.outbox, stream.key[1], reason, detail)
