@@ -152,9 +152,6 @@ class SessionStore:
             log.warning("token lookup failed: %s", exc)
             return False
 
-    async def add_token(self, token: str) -> None:
-        await self._redis.sadd(TOKENS_KEY, token)
-
     async def save_session(self, session_id: str, device_id: str, fields: dict[str, Any]) -> None:
         record: dict[Any, Any] = {
             k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()
@@ -174,10 +171,6 @@ class SessionStore:
                 pipe.hset(f"sf:device:{device_id}", mapping=route)
                 pipe.expire(f"sf:device:{device_id}", self._ttl)
             await pipe.execute()
-
-    async def load_session(self, session_id: str) -> dict[str, str]:
-        result = await self._redis.hgetall(f"sf:session:{session_id}")
-        return {str(k): str(v) for k, v in result.items()}
 
     async def append_transcript(self, fields: dict[str, Any]) -> None:
         entry: dict[Any, Any] = {
