@@ -12,18 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from support.fsmn_reference import CHUNK, SILENCE_MS, Events, funasr_events, load_funasr_fsmn
 
 from services.common.audio import SAMPLE_RATE
 from services.simulator.speech import silence, synthesize
 from services.vad.fsmn_batched import BatchedFsmnVadEngine
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "fsmn-vad"
-SILENCE_MS = 500
-CHUNK = 960  # 60 ms, as devices send
 TOLERANCE_MS = 30
 N_CLIPS = 54
 
@@ -45,8 +43,6 @@ PHRASES = [
 ]
 PAUSES_S = [0.3, 0.4, 0.6, 0.8, 1.0, 1.5, 2.0, 2.5]
 NOISE_LEVELS = [0.0, 0.002, 0.01, 0.03]
-
-Events = list[tuple[str, int]]
 
 
 def build_clips() -> dict[str, np.ndarray]:
@@ -71,26 +67,6 @@ def build_clips() -> dict[str, np.ndarray]:
             audio = audio + rng.normal(0.0, noise, audio.size)
         clips[f"clip{i:02d}"] = audio.astype(np.float32)
     return clips
-
-
-def funasr_events(model: Any, audio: np.ndarray) -> Events:
-    cache: dict[str, Any] = {}
-    events: Events = []
-    for at in range(0, audio.size, CHUNK):
-        result = model.generate(
-            input=audio[at : at + CHUNK],
-            cache=cache,
-            is_final=at + CHUNK >= audio.size,
-            chunk_size=60,
-            max_end_silence_time=SILENCE_MS,
-            disable_pbar=True,
-        )
-        for start, end in result[0]["value"] if result else []:
-            if start >= 0:
-                events.append(("start", int(start)))
-            if end >= 0:
-                events.append(("end", int(end)))
-    return events
 
 
 def step_together(
@@ -124,9 +100,7 @@ def clips() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def reference(clips: dict[str, np.ndarray]) -> dict[str, Events]:
-    from funasr import AutoModel
-
-    model = AutoModel(model=str(MODEL_DIR), disable_update=True, disable_pbar=True)
+    model = load_funasr_fsmn()
     return {name: funasr_events(model, audio) for name, audio in clips.items()}
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from support.fsmn_reference import CHUNK, SILENCE_MS, funasr_events, load_funasr_fsmn
 
 from services.cluster import LocalCluster
 from services.common.audio import float_to_pcm16
@@ -17,8 +18,6 @@ from services.simulator.speech import silence, synthesize
 
 pytestmark = pytest.mark.e2e
 
-SILENCE_MS = 500
-CHUNK = 960  # 60 ms, as devices send
 TOLERANCE_MS = 30
 
 
@@ -54,26 +53,6 @@ def clips() -> dict[str, np.ndarray]:
     }
 
 
-def funasr_reference(model: Any, audio: np.ndarray) -> list[tuple[str, int]]:
-    cache: dict[str, Any] = {}
-    events: list[tuple[str, int]] = []
-    for i in range(0, audio.size, CHUNK):
-        result = model.generate(
-            input=audio[i : i + CHUNK],
-            cache=cache,
-            is_final=i + CHUNK >= audio.size,
-            chunk_size=60,
-            max_end_silence_time=SILENCE_MS,
-            disable_pbar=True,
-        )
-        for start, end in result[0]["value"] if result else []:
-            if start >= 0:
-                events.append(("start", start))
-            if end >= 0:
-                events.append(("end", end))
-    return events
-
-
 async def through_service(port: int, name: str, audio: np.ndarray) -> list[tuple[str, int]]:
     kinds = {vad_pb2.SpeechEvent.SPEECH_START: "start", vad_pb2.SpeechEvent.SPEECH_END: "end"}
 
@@ -99,11 +78,7 @@ async def through_service(port: int, name: str, audio: np.ndarray) -> list[tuple
 
 @pytest.fixture(scope="module")
 def funasr_fsmn() -> Any:
-    from funasr import AutoModel
-
-    from services.common.config import DEFAULT_MODELS_DIR
-
-    return AutoModel(model=str(DEFAULT_MODELS_DIR / "fsmn-vad"), disable_update=True)
+    return load_funasr_fsmn()
 
 
 async def test_service_boundaries_match_funasr_streaming(
@@ -115,7 +90,7 @@ async def test_service_boundaries_match_funasr_streaming(
     )
     compared = 0
     for (name, audio), got in zip(audio_by_name.items(), served, strict=True):
-        expected = funasr_reference(funasr_fsmn, audio)
+        expected = funasr_events(funasr_fsmn, audio)
         assert expected, f"{name}: funasr found no speech; the clip is not a useful case"
         assert [kind for kind, _ in got] == [kind for kind, _ in expected], (name, got, expected)
         for (_, got_ms), (_, want_ms) in zip(got, expected, strict=True):
