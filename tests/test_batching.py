@@ -152,3 +152,37 @@ async def test_model_error_fails_only_that_batch() -> None:
         await batcher.submit(Job(1))
     assert (await batcher.submit(Job(2))).value == 2
     await batcher.stop()
+
+
+async def test_request_the_queue_cannot_serve_in_time_is_refused_at_once() -> None:
+    model = RecordingModel(delay_s=0.2)
+    batcher = make_batcher(model, max_batch=1, max_wait_ms=0)
+    await batcher.submit(Job(0))  # teaches the batcher that a batch takes ~0.2 s
+    backlog = [asyncio.ensure_future(batcher.submit(Job(i))) for i in range(1, 5)]
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    with pytest.raises(QueueFullError, match="expected wait"):
+        await batcher.submit(Job(99), timeout=0.5)
+    assert time.monotonic() - started < 0.05
+    # The same request with time enough for the backlog is admitted and served.
+    assert (await batcher.submit(Job(7), timeout=5.0)).value == 14
+    await asyncio.gather(*backlog)
+    await batcher.stop()
+    assert all(job.value != 99 for call in model.calls for job in call)
+
+
+async def test_request_that_would_finish_after_its_deadline_never_reaches_the_model() -> None:
+    model = RecordingModel(delay_s=0.1)
+    batcher = make_batcher(model, max_batch=1, max_wait_ms=0)
+    await batcher.submit(Job(0))  # batches look like 0.1 s
+    model.delay_s = 0.6  # then the model slows down
+    blocker = asyncio.ensure_future(batcher.submit(Job(1)))
+    await asyncio.sleep(0.05)
+    # Admitted on the old estimate (0.2 s expected); when its turn comes at
+    # ~0.6 s only ~0.1 s of its deadline is left, less than a batch takes.
+    late = asyncio.ensure_future(batcher.submit(Job(99), timeout=0.65))
+    with pytest.raises(DeadlineExpiredError):
+        await late
+    await blocker
+    await batcher.stop()
+    assert all(job.value != 99 for call in model.calls for job in call)

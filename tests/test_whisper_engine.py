@@ -11,8 +11,8 @@ import pytest
 from support.wer import word_error_rate
 
 from services.asr.engine import AsrRequest
-from services.asr.whisper import WhisperEngine
-from services.simulator.speech import silence, synthesize
+from services.asr.whisper import WhisperEngine, segments_within
+from services.simulator.speech import silence, synthesize, trim_silence
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "whisper-tiny.en"
 SENTENCES = (
@@ -104,3 +104,39 @@ def test_utterance_over_30_s_is_split_and_decoded_in_the_same_generate_call(
     assert counter.batch_sizes == [3]
     assert word_error_rate([" ".join(parts)], [long_out.text]) <= 0.10, long_out.text
     assert word_error_rate([SENTENCES[4]], [short_out.text]) <= 0.10
+
+
+@pytest.mark.parametrize("voice", ["en", "en+f3", "en+m7", "en-us+f5"])
+def test_one_word_command_in_a_short_window_is_transcribed_once(
+    engine: WhisperEngine, voice: str
+) -> None:
+    # About 1.2 s of audio: a 4 s encoder window, where Whisper without
+    # timestamps and silence padding used to answer "Stop... Stop... Stop...".
+    audio = np.concatenate([silence(0.3), trim_silence(synthesize("stop", voice)), silence(0.5)])
+    (out,) = engine.transcribe([AsrRequest(audio)])
+    assert out.text.lower().strip(".!? ") == "stop", out.text
+
+
+TS = 1000  # a made-up first timestamp id: ids from TS up are timestamps, 20 ms apart
+
+
+def ts(seconds: float) -> int:
+    return TS + round(seconds / 0.02)
+
+
+def test_segments_that_start_inside_the_audio_are_kept_in_order() -> None:
+    tokens = [ts(0.0), 1, 2, ts(2.0), ts(2.0), 3, ts(3.5)]
+    assert segments_within(tokens, TS, duration_s=4.0) == [[1, 2], [3]]
+
+
+def test_a_segment_starting_after_the_audio_ends_is_dropped() -> None:
+    tokens = [ts(0.0), 1, 2, ts(2.0), ts(4.2), 1, 2, ts(5.0)]
+    assert segments_within(tokens, TS, duration_s=4.0) == [[1, 2]]
+
+
+def test_a_segment_cut_off_by_the_length_cap_is_kept() -> None:
+    assert segments_within([ts(0.5), 7, 8], TS, duration_s=4.0) == [[7, 8]]
+
+
+def test_text_without_timestamps_is_kept() -> None:
+    assert segments_within([5, 6], TS, duration_s=1.0) == [[5, 6]]

@@ -5,12 +5,19 @@ the oldest waiting request, gathers more of the same group (requests that can
 share a model call) until the batch is full in count or audio seconds or the
 collection window closes, drops what expired while waiting, and runs the batch
 on the inference thread. The queue is bounded: a full queue refuses at once.
+
+A request whose deadline the queue cannot meet is refused at once too. Under
+overload a plain FIFO queue fills with requests that each wait almost their
+whole deadline, so most finish just too late and the work is wasted; refusing
+by expected wait (batches ahead x recent batch time) keeps the admitted ones
+on time and tells the others immediately.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -30,6 +37,10 @@ class QueueFullError(Exception):
 
 class DeadlineExpiredError(Exception):
     """The request's deadline passed before the model could run it."""
+
+
+# Weight of the newest batch in the running mean of batch time.
+_BATCH_TIME_SMOOTHING = 0.2
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,8 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
         self._arrived = asyncio.Event()
         self._consumer: asyncio.Task[None] | None = None
         self._in_flight = 0
+        # Smoothed wall time of one model call; None until the first completes.
+        self._batch_seconds: float | None = None
 
     @property
     def depth(self) -> int:
@@ -88,6 +101,15 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    def expected_wait(self) -> float | None:
+        """Seconds until a request submitted now would have its result, if known."""
+        if self._batch_seconds is None:
+            return None
+        batches = math.ceil((len(self._waiting) + 1) / self._limits.max_batch)
+        if self._in_flight:
+            batches += 1
+        return batches * self._batch_seconds
 
     def start(self) -> None:
         if self._consumer is None:
@@ -112,6 +134,13 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
         if len(self._waiting) >= self._limits.max_queue:
             metrics.REQUESTS.labels(self._service, "rejected").inc()
             raise QueueFullError(f"{self._service} queue is full ({self._limits.max_queue})")
+        expected = self.expected_wait()
+        if timeout is not None and expected is not None and expected > timeout:
+            metrics.REQUESTS.labels(self._service, "rejected").inc()
+            raise QueueFullError(
+                f"{self._service} is behind: expected wait {expected:.1f} s exceeds"
+                f" the {timeout:.1f} s deadline"
+            )
         loop = asyncio.get_running_loop()
         item: _Waiting[RequestT, ResultT] = _Waiting(
             request=request,
@@ -151,14 +180,18 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
         batch: list[_Waiting[RequestT, ResultT]] = []
         kept: deque[_Waiting[RequestT, ResultT]] = deque()
         seconds = 0.0
-        now = time.monotonic()
+        # A request that would get its result only after its deadline is dropped:
+        # the caller has given up by then, so the model time would be wasted.
+        finish = time.monotonic() + (self._batch_seconds or 0.0)
         while self._waiting:
             item = self._waiting.popleft()
             if item.future.cancelled():
                 continue
-            if item.deadline is not None and item.deadline <= now:
+            if item.deadline is not None and item.deadline <= finish:
                 metrics.REQUESTS.labels(self._service, "expired").inc()
-                item.future.set_exception(DeadlineExpiredError("deadline passed while queued"))
+                item.future.set_exception(
+                    DeadlineExpiredError("deadline passes before the model could finish")
+                )
                 continue
             fits = (
                 item.group == group
@@ -193,6 +226,11 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
         finally:
             self._in_flight -= len(batch)
         model_s = time.monotonic() - started
+        self._batch_seconds = (
+            model_s
+            if self._batch_seconds is None
+            else self._batch_seconds + _BATCH_TIME_SMOOTHING * (model_s - self._batch_seconds)
+        )
         metrics.BATCH_SIZE.labels(self._service).observe(len(batch))
         metrics.BATCH_AUDIO_SECONDS.labels(self._service).observe(
             sum(i.audio_seconds for i in batch)
