@@ -11,7 +11,8 @@ import pytest
 from support.wer import word_error_rate
 
 from services.asr.engine import AsrRequest
-from services.asr.whisper import WhisperEngine, segments_within
+from services.asr.whisper import WhisperEngine, repeats_itself, segments_within
+from services.common import metrics
 from services.simulator.speech import silence, synthesize, trim_silence
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "whisper-tiny.en"
@@ -33,10 +34,12 @@ class CountingGenerate:
         self.inner = inner
         self.calls = 0
         self.batch_sizes: list[int] = []
+        self.windows: list[int] = []
 
     def generate(self, features: Any, prompts: list[list[int]], **kwargs: Any) -> Any:
         self.calls += 1
         self.batch_sizes.append(len(prompts))
+        self.windows.append(features.shape[-1])
         return self.inner.generate(features, prompts, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -115,6 +118,33 @@ def test_one_word_command_in_a_short_window_is_transcribed_once(
     audio = np.concatenate([silence(0.3), trim_silence(synthesize("stop", voice)), silence(0.5)])
     (out,) = engine.transcribe([AsrRequest(audio)])
     assert out.text.lower().strip(".!? ") == "stop", out.text
+
+
+def test_a_decode_that_loops_is_redone_with_the_longer_window(
+    engine: WhisperEngine, counter: CountingGenerate
+) -> None:
+    # This clip, cut the way the VAD cuts it, loops at the 4 s window
+    # ("Play some just music. Play some just music. Play ...").
+    speech = trim_silence(synthesize("play some jazz music", "en+m7"))
+    audio = np.concatenate([silence(0.2), speech, silence(0.2)])
+    before = metrics.ASR_REDECODES._value.get()
+    (out,) = engine.transcribe([AsrRequest(audio)])
+    assert counter.windows == [400, 1000]
+    assert metrics.ASR_REDECODES._value.get() == before + 1
+    assert out.text.lower().startswith("play some") and not repeats_itself(out.text.split())
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [[1, 1, 1], [5, 1, 2, 1, 2, 1, 2], [1, 2, 3, 1, 2, 3], [9, 4, 5, 6, 7, 4, 5, 6, 7, 8]],
+)
+def test_a_block_following_itself_is_a_repeat(tokens: list[int]) -> None:
+    assert repeats_itself(tokens)
+
+
+@pytest.mark.parametrize("tokens", [[], [1], [1, 1], [1, 2, 1, 2], [1, 2, 3, 4, 1, 2, 3]])
+def test_ordinary_text_is_not_a_repeat(tokens: list[int]) -> None:
+    assert not repeats_itself(tokens)
 
 
 TS = 1000  # a made-up first timestamp id: ids from TS up are timestamps, 20 ms apart

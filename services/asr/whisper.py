@@ -27,15 +27,17 @@ either way. Without timestamps a 4 s window gave WER 0.66 (repetitions).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import ctranslate2
 import numpy as np
+from ctranslate2.models import WhisperGenerationResult
 from faster_whisper import WhisperModel
 from faster_whisper.tokenizer import Tokenizer
 
 from services.asr.engine import AsrRequest, Transcript
+from services.common import metrics
 from services.common.audio import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,9 @@ log = logging.getLogger(__name__)
 _FRAMES_PER_SECOND = 100
 _HOP_SAMPLES = SAMPLE_RATE // _FRAMES_PER_SECOND
 MIN_AUDIO_SAMPLES = SAMPLE_RATE // 10
-MAX_TOKENS = 448  # Whisper's decoder context
-TOKENS_PER_SECOND = 8  # generous: fast English speech is about 4
+MAX_TOKENS = 224  # half of Whisper's 448-token decoder context, as openai-whisper
+TOKENS_PER_SECOND = 6  # generous: fast English speech with punctuation is about 5
+FALLBACK_WINDOW_S = 10.0
 CHUNK_SECONDS = 30
 CHUNK_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE
 # Look for the quietest 100 ms in the last 5 s before a 30 s boundary to cut there.
@@ -103,6 +106,25 @@ def segments_within(
     return segments
 
 
+def repeats_itself(tokens: Sequence[Hashable]) -> bool:
+    """Whether a block of tokens follows itself: 3+ times, or twice if 3+ tokens long.
+
+    Flags the loops a decoder falls into ("Stop... Stop... Stop..."). Real
+    speech that repeats itself ("no no no") is flagged too; that only costs
+    a second decode.
+    """
+    n = len(tokens)
+    for size in range(1, n // 2 + 1):
+        needed = 2 if size >= 3 else 3
+        for start in range(n - needed * size + 1):
+            block = tokens[start : start + size]
+            if all(
+                tokens[start + k * size : start + (k + 1) * size] == block for k in range(1, needed)
+            ):
+                return True
+    return False
+
+
 class WhisperEngine:
     """English transcription with Whisper tiny.en.
 
@@ -154,12 +176,13 @@ class WhisperEngine:
         self._prompt = list(self._tokenizer.sot_sequence)
         self._max_frames = self.model.feature_extractor.nb_max_frames
         self._min_frames = min(self._max_frames, round(min_window_s * _FRAMES_PER_SECOND))
+        self._fallback_frames = min(self._max_frames, round(FALLBACK_WINDOW_S * _FRAMES_PER_SECOND))
 
-    def _window_frames(self, longest_samples: int) -> int:
+    def _window_frames(self, longest_samples: int, floor_frames: int) -> int:
         """Encoder frames for a batch: the longest piece plus 1 s, in whole seconds."""
         seconds = -(-longest_samples // SAMPLE_RATE) + 1
         frames = seconds * _FRAMES_PER_SECOND
-        return max(self._min_frames, min(self._max_frames, frames))
+        return max(floor_frames, min(self._max_frames, frames))
 
     def _features(self, audio: np.ndarray, frames: int) -> np.ndarray:
         """Log-mel frames of ``audio`` padded with silence to exactly ``frames``."""
@@ -167,6 +190,30 @@ class WhisperEngine:
         padding = max(0, frames * _HOP_SAMPLES - audio.size) + _HOP_SAMPLES
         mel = self.model.feature_extractor(audio, padding=padding)
         return np.ascontiguousarray(mel[:, :frames], dtype=np.float32)
+
+    def _text_tokens(self, result: WhisperGenerationResult) -> list[int]:
+        return [t for t in result.sequences_ids[0] if t < self._tokenizer.timestamp_begin]
+
+    def _generate(
+        self, pieces: Sequence[np.ndarray], floor_frames: int
+    ) -> tuple[list[WhisperGenerationResult], int]:
+        """Decode ``pieces`` in one call; returns the results and the window used."""
+        longest = max(piece.size for piece in pieces)
+        frames = self._window_frames(longest, floor_frames)
+        features = np.stack([self._features(piece, frames) for piece in pieces])
+        results = self.model.model.generate(
+            ctranslate2.StorageView.from_array(features),
+            [self._prompt] * len(pieces),
+            beam_size=self._beam_size,
+            return_scores=True,
+            return_no_speech_prob=True,
+            suppress_blank=True,
+            suppress_tokens=[-1],
+            # A cap in proportion to the audio stops a runaway early. CTranslate2
+            # (4.x, measured) stops Whisper after max_length // 2 new tokens.
+            max_length=2 * min(MAX_TOKENS, 12 + int(longest / SAMPLE_RATE * TOKENS_PER_SECOND)),
+        )
+        return list(results), frames
 
     def transcribe(self, batch: Sequence[AsrRequest]) -> list[Transcript]:
         if not batch:
@@ -186,26 +233,19 @@ class WhisperEngine:
         text: list[list[str]] = [[] for _ in batch]
         if not pieces:
             return [Transcript(text="", language="en") for _ in batch]
-        longest = max(piece.size for piece in pieces)
-        frames = self._window_frames(longest)
-        features = [self._features(piece, frames) for piece in pieces]
-        stacked = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.stack(features)))
-        results = self.model.model.generate(
-            stacked,
-            [self._prompt] * len(features),
-            beam_size=self._beam_size,
-            return_scores=True,
-            return_no_speech_prob=True,
-            suppress_blank=True,
-            suppress_tokens=[-1],
-            # Speech runs at a few tokens per second; a cap in proportion to
-            # the audio stops a hallucinated repetition early.
-            max_length=min(MAX_TOKENS, 16 + int(longest / SAMPLE_RATE * TOKENS_PER_SECOND)),
-        )
+        results, frames = self._generate(pieces, self._min_frames)
+        # A short window now and then sends the decoder round in a loop; those
+        # pieces are decoded again, together, with the longer fallback window.
+        runaway = [i for i, r in enumerate(results) if repeats_itself(self._text_tokens(r))]
+        if runaway and frames < self._fallback_frames:
+            metrics.ASR_REDECODES.inc(len(runaway))
+            again, _ = self._generate([pieces[i] for i in runaway], self._fallback_frames)
+            for i, result in zip(runaway, again, strict=True):
+                results[i] = result
         timestamp_begin = self._tokenizer.timestamp_begin
         for owner, piece, result in zip(owners, pieces, results, strict=True):
             tokens = result.sequences_ids[0]
-            raw[owner].append(self._tokenizer.decode([t for t in tokens if t < timestamp_begin]))
+            raw[owner].append(self._tokenizer.decode(self._text_tokens(result)))
             kept = [
                 token
                 for segment in segments_within(tokens, timestamp_begin, piece.size / SAMPLE_RATE)

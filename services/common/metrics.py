@@ -49,6 +49,10 @@ MODEL_SECONDS = Histogram(
     ["service"],
     buckets=LATENCY_BUCKETS,
 )
+ASR_REDECODES = Counter(
+    "speechfront_asr_redecodes_total",
+    "Utterance pieces Whisper decoded a second time, with a longer window, after a loop.",
+)
 AUDIO_SECONDS = Counter(
     "speechfront_audio_seconds_total",
     "Seconds of audio processed, by service.",
