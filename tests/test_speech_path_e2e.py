@@ -42,6 +42,21 @@ async def test_two_utterances_separated_by_silence_give_two_results_in_order(
     assert results[0].message["timing"]["end_ms"] < results[1].message["timing"]["start_ms"]
 
 
+async def test_listening_again_over_near_silence_gives_only_the_next_sentence(
+    make_device: DeviceFactory,
+) -> None:
+    first, second = "what time is it now", "play some jazz music"
+    device = make_device()
+    await device.connect()
+    await device.speak_auto([synthesize(first)])
+    # The new listen period opens on the Opus decoder's near-silent tail, where
+    # a fresh FSMN-VAD stream reports a 500 ms phantom utterance; it must not
+    # reach the ASR (which would answer "you").
+    [result] = await device.speak_auto([synthesize(second)], lead_s=1.5)
+    assert result.message["seq"] == 2
+    assert word_error_rate([second], [result.text]) <= 0.25, result.text
+
+
 async def test_manual_mode_gives_one_result_per_start_stop_pair(make_device: DeviceFactory) -> None:
     sentences = ["open the garage door", "play some music please"]
     device = make_device()

@@ -18,6 +18,21 @@ def pcm16_to_float(pcm: bytes) -> np.ndarray:
     return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
 
 
+def loudest_frame_dbfs(pcm: bytes, frame_ms: int = 20) -> float:
+    """RMS level of the loudest ``frame_ms`` frame of s16le audio, in dB full scale.
+
+    Digital silence gives -inf; a quiet room through a real microphone is
+    around -60 to -50 dBFS, speech -40 to -10.
+    """
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float64) / 32768.0
+    if samples.size == 0:
+        return float("-inf")
+    frame = ms_to_samples(frame_ms)
+    frames = np.pad(samples, (0, -samples.size % frame)).reshape(-1, frame)
+    loudest = float(np.sqrt((frames**2).mean(axis=1)).max())
+    return 20 * float(np.log10(loudest)) if loudest > 0 else float("-inf")
+
+
 def float_to_pcm16(samples: np.ndarray) -> bytes:
     clipped = np.clip(samples, -1.0, 32767 / 32768)
     return (clipped * 32768.0).astype("<i2").tobytes()

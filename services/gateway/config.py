@@ -49,6 +49,11 @@ class GatewaySettings(BaseSettings):
     speaker_timeout_s: float = Field(10.0, gt=0)
     speaker_threshold: float = Field(0.75, ge=-1, le=1)
     min_utterance_ms: int = Field(200, ge=0)
+    min_speech_dbfs: float = Field(
+        -70.0,
+        le=0,
+        description="An utterance whose loudest 20 ms stays below this is dropped as silent.",
+    )
     downlink_sample_rate: int = 24000
     downlink_frame_ms: int = 60
     log_level: str = "INFO"

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.audio import SAMPLE_RATE, ms_to_samples
+from services.common.audio import SAMPLE_RATE, loudest_frame_dbfs, ms_to_samples
 from services.gateway import metrics
 from services.gateway.audio_buffer import UtteranceBuffer
 from services.gateway.errors import GOING_RESTART, INVALID_PAYLOAD, ConnectionRejected
@@ -249,6 +249,11 @@ class DeviceSession:
         self._buffer.discard_before(min(end, self._buffer.end))
         if len(pcm) // 2 < ms_to_samples(self.ctx.settings.min_utterance_ms):
             metrics.UTTERANCES.labels("too_short").inc()
+            return
+        if loudest_frame_dbfs(pcm) < self.ctx.settings.min_speech_dbfs:
+            # Near-digital silence (a muted or noise-suppressed microphone) can
+            # still trip the VAD, and Whisper answers silence with "you".
+            metrics.UTTERANCES.labels("silent").inc()
             return
         if len(self._inflight) >= self.ctx.settings.max_inflight_utterances:
             metrics.UTTERANCES.labels("dropped_backlog").inc()

@@ -222,9 +222,10 @@ class SimulatedDevice:
         tail_s: float = 1.5,
         timeout: float = 30.0,
         mode: str = "auto",
+        lead_s: float = 0.3,
     ) -> list[SttResult]:
         """Utterances separated by silence in one listen period; the VAD cuts them."""
-        parts: list[np.ndarray] = [silence(0.3)]
+        parts: list[np.ndarray] = [silence(lead_s)]
         marks: dict[int, str] = {}
         offset = parts[0].size
         for i, utterance in enumerate(utterances):
