@@ -337,7 +337,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--devices", default="4,8,16,24,32,50,64", help="sweep of N")
+    parser.add_argument("--devices", default="4,8,16,24,32,40,50,64", help="sweep of N")
     parser.add_argument("--seconds", type=float, default=40.0, help="talk time per step")
     parser.add_argument("--duty", type=float, default=0.3, help="fraction of time speaking")
     parser.add_argument("--target-ms", type=float, default=1500.0, help="p95 user-perceived")
