@@ -6,9 +6,9 @@ padded to a common encoder window, stacked, and decoded together by a single
 CTranslate2 ``generate`` call.
 
 The encoder window is the longest utterance of the batch plus 1 s, but never
-under ``min_window_s`` (4 s) nor over Whisper's 30 s. faster-whisper always
+under ``min_window_s`` (7 s) nor over Whisper's 30 s. faster-whisper always
 pads to 30 s; for voice-assistant utterances of a few seconds that is most of
-the encoder's work spent on silence. Two things make short windows safe:
+the encoder's work spent on silence. Three things make short windows safe:
 
 - the audio is padded with digital silence *before* the log-mel transform, so
   the padding looks like the silence Whisper was trained on (padding the
@@ -20,11 +20,11 @@ the encoder's work spent on silence. Two things make short windows safe:
 - a decode that still loops (a block of tokens following itself) is redone
   with a 10 s window, together with any other such piece of the batch.
 
-Measured on this project's espeak-ng speech (2-core CPU, tiny.en int8, batches
-of 8): 40 two-second commands WER 0.099 at a 10 s window with 116 ms CPU per
-utterance, WER 0.104 at the 4 s floor with about 60 ms (2 of 120 clips
-re-decoded); 16 clips of 6-13 s WER 0.021 either way. Without timestamps a
-4 s window gave WER 0.66 (repetitions).
+Measured on this project's espeak-ng speech (tiny.en int8, one thread,
+batches of 8): 40 two-second commands WER 0.099 at a 10 s window with 109 ms
+CPU per utterance, the same WER at the 7 s floor with 55 ms; 16 clips of
+6-13 s WER 0.021 either way. On 40 commands cut by the FSMN-VAD, a 4 s window
+still looped on 7 even in timestamp mode, 6 s on 4, 7 s on none.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class WhisperEngine:
         compute_type: str = "int8",
         beam_size: int = 1,
         cpu_threads: int = 0,
-        min_window_s: float = 4.0,
+        min_window_s: float = 7.0,
     ) -> None:
         if device == "auto":
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
