@@ -32,7 +32,9 @@ DEVICE_PATHS = ("/xiaozhi/v1/", "/xiaozhi/v1")
 def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = SessionStore(settings.redis_url, settings.session_ttl_s)
+        store = SessionStore(
+            settings.redis_url, settings.session_ttl_s, settings.redis_max_connections
+        )
         hub = SessionHub(store)
         vad = VadRouter(settings.vad_target, hub.on_vad_event, hub.on_vad_lost)
         ctx = GatewayContext(

@@ -20,6 +20,7 @@ class GatewaySettings(BaseSettings):
         description="Names this replica in Redis routes.",
     )
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_max_connections: int = Field(64, ge=1, description="Pooled Redis connections.")
     # gRPC targets: host:port, a comma-separated list, or dns:///headless-svc:port.
     vad_target: str = "127.0.0.1:50051"
     asr_target: str = "127.0.0.1:50052"

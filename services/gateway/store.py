@@ -84,10 +84,19 @@ class Voiceprint:
 
 
 class SessionStore:
-    def __init__(self, url: str, session_ttl_s: int) -> None:
-        self._redis = aioredis.from_url(
-            url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0
+    def __init__(self, url: str, session_ttl_s: int, max_connections: int = 64) -> None:
+        # A burst of results from many sessions waits for a pooled connection
+        # (up to 2 s) instead of failing: redis-py's default pool refuses past
+        # 100 connections with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=2.0,
+            decode_responses=True,
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
         )
+        self._redis = aioredis.Redis.from_pool(pool)
         # Pub/sub payloads may be Opus audio, so that connection keeps bytes.
         self.raw = aioredis.from_url(url, socket_timeout=None, socket_connect_timeout=2.0)
         self._ttl = session_ttl_s

@@ -28,6 +28,8 @@ VAD_BACKLOG = Gauge("speechfront_gateway_vad_backlog", "VAD operations waiting t
 
 EventHandler = Callable[[vad_pb2.SpeechEvent], None]
 _Op = vad_pb2.StreamOpen | vad_pb2.AudioFrame | vad_pb2.StreamClose
+# Ends a connection's request generator.
+_RETIRED = None
 
 # Operations merged into one VadRequest at most; bounds message size.
 _MAX_OPS_PER_MESSAGE = 512
@@ -49,7 +51,8 @@ class VadStreamClient:
         self._on_event = on_event
         # Streams on a lost connection are gone; their owners re-pin and replay.
         self._on_lost = on_lost
-        self._queue: asyncio.Queue[_Op] = asyncio.Queue(maxsize=max_backlog)
+        self._max_backlog = max_backlog
+        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue(maxsize=max_backlog)
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
@@ -89,7 +92,7 @@ class VadStreamClient:
             was_connected = False
             try:
                 stub = vad_pb2_grpc.VadStub(channel)
-                call = stub.Stream(self._requests(), wait_for_ready=True)
+                call = stub.Stream(self._requests(self._queue), wait_for_ready=True)
                 await asyncio.wait_for(call.wait_for_connection(), 5.0)
                 self.connected.set()
                 was_connected = True
@@ -104,18 +107,26 @@ class VadStreamClient:
             finally:
                 self.connected.clear()
                 await channel.close()
+            # Each connection attempt reads its own queue. grpc keeps polling
+            # the request generator of a call the server ended, so a shared
+            # queue would hand the next connection's first message (the
+            # replayed opens of many sessions) to the dead call and leave
+            # those sessions without a VAD stream.
+            self._retire_queue()
             if was_connected:
                 VAD_RECONNECTS.inc()
-                # What was queued for the dead stream is lost with it; the
-                # sessions replay what they need on their new stream.
-                self._drop_queued()
-                self._on_lost(self)
+            # What was queued for this attempt is gone with it; the sessions
+            # re-open and replay what they need.
+            self._on_lost(self)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
-    def _drop_queued(self) -> None:
-        while not self._queue.empty():
-            self._queue.get_nowait()
+    def _retire_queue(self) -> None:
+        old, self._queue = self._queue, asyncio.Queue(maxsize=self._max_backlog)
+        while not old.empty():
+            old.get_nowait()
+        old.put_nowait(_RETIRED)
+        VAD_BACKLOG.set(0)
 
     def _dispatch(self, event: vad_pb2.SpeechEvent) -> None:
         try:
@@ -123,12 +134,20 @@ class VadStreamClient:
         except Exception:
             log.exception("handling VAD event for %s failed", event.stream_id)
 
-    async def _requests(self) -> AsyncIterator[vad_pb2.VadRequest]:
+    async def _requests(
+        self, queue: asyncio.Queue[_Op | None]
+    ) -> AsyncIterator[vad_pb2.VadRequest]:
         while True:
-            ops = [await self._queue.get()]
-            while len(ops) < _MAX_OPS_PER_MESSAGE and not self._queue.empty():
-                ops.append(self._queue.get_nowait())
-            VAD_BACKLOG.set(self._queue.qsize())
+            first = await queue.get()
+            if first is _RETIRED:
+                return
+            ops = [first]
+            while len(ops) < _MAX_OPS_PER_MESSAGE and not queue.empty():
+                op = queue.get_nowait()
+                if op is _RETIRED:
+                    return
+                ops.append(op)
+            VAD_BACKLOG.set(queue.qsize())
             yield _pack(ops)
 
 
