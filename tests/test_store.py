@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import cast
 
 import redis
 
@@ -34,7 +35,7 @@ async def test_a_burst_of_transcripts_larger_than_the_pool_is_written_at_once(
     finally:
         await store.close()
     client = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
-    entries = client.xrevrange(TRANSCRIPTS_KEY, count=1000)
+    entries = cast(list[tuple[str, dict[str, str]]], client.xrevrange(TRANSCRIPTS_KEY, count=1000))
     client.close()
     written = {f["utterance_id"] for _, f in entries if f["utterance_id"].startswith(marker)}
     assert written == {f"{marker}-{i}" for i in range(300)}
