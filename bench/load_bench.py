@@ -306,7 +306,9 @@ async def main_async(args: argparse.Namespace) -> None:
             **DESIGNS[design],
         }
         run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{design}-"))
-        cluster = LocalCluster(run_dir, ClusterPorts(), extra_env=extra)
+        cluster = LocalCluster(
+            run_dir, ClusterPorts(), extra_env=extra, replicas={"asr": args.asr_replicas}
+        )
         cluster.start()
         try:
             enrol_speakers(cluster, max(sweep))
@@ -321,6 +323,7 @@ async def main_async(args: argparse.Namespace) -> None:
             cluster.stop()
     summary = {
         "target_p95_user_perceived_ms": args.target_ms,
+        "asr_replicas": args.asr_replicas,
         "largest_devices_within_target": {
             d: largest_within(results, d, args.target_ms) for d in DESIGNS if d in args.designs
         },
@@ -342,6 +345,9 @@ def main() -> None:
     parser.add_argument("--duty", type=float, default=0.3, help="fraction of time speaking")
     parser.add_argument("--target-ms", type=float, default=1500.0, help="p95 user-perceived")
     parser.add_argument("--designs", default=",".join(DESIGNS))
+    parser.add_argument(
+        "--asr-replicas", type=int, default=1, help="asr processes (one thread each), both designs"
+    )
     parser.add_argument("--out", default="bench-results")
     asyncio.run(main_async(parser.parse_args()))
 
