@@ -75,7 +75,7 @@ class VadServicer(vad_pb2_grpc.VadServicer):
             for opened in request.opens:
                 self._table.open(conn, outbox, opened)
             for frame in request.frames:
-                self._table.feed(conn, frame)
+                self._table.feed(conn, outbox, frame)
             for closed in request.closes:
                 self._table.close(conn, closed)
 

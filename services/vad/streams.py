@@ -50,6 +50,11 @@ class _Stream:
     flush: bool = False
 
 
+# Streams whose owner was told they are not open, remembered at most (then
+# forgotten wholesale: the worst case is one more error event).
+_MAX_TOLD = 10_000
+
+
 class StreamTable:
     def __init__(
         self,
@@ -71,6 +76,7 @@ class StreamTable:
         self._max_step = int(max_step_s * SAMPLE_RATE)
         self._streams: dict[tuple[int, str], _Stream] = {}
         self._closing: set[tuple[int, str]] = set()
+        self._told: set[tuple[int, str]] = set()
         self._ticker: asyncio.Task[None] | None = None
 
     @staticmethod
@@ -83,6 +89,7 @@ class StreamTable:
             self._fail(
                 outbox, request.stream_id, "max_streams", "VAD replica is at its stream limit"
             )
+            self._remember_told(key)
             return
         self._streams.pop(key, None)
         self._engine.open(self.engine_id(key), request.silence_ms or self._default_silence_ms)
@@ -90,10 +97,19 @@ class StreamTable:
         self._streams[key] = _Stream(key=key, outbox=outbox, origin_ms=origin_ms)
         STREAMS.set(len(self._streams))
 
-    def feed(self, conn: int, frame: vad_pb2.AudioFrame) -> None:
-        stream = self._streams.get((conn, frame.stream_id))
-        if stream is None or stream.flush:
-            return  # closed or refused earlier; the owner has been told
+    def feed(self, conn: int, outbox: Outbox, frame: vad_pb2.AudioFrame) -> None:
+        key = (conn, frame.stream_id)
+        stream = self._streams.get(key)
+        if stream is None:
+            # Never opened on this connection (its open was lost): say so once,
+            # so the owner re-opens instead of talking to nobody. Refused and
+            # dropped streams were reported when that happened.
+            if key not in self._told:
+                self._remember_told(key)
+                self._fail(outbox, frame.stream_id, "unknown_stream", "stream is not open")
+            return
+        if stream.flush:
+            return  # closing: nothing after the close is expected
         FRAMES.inc()
         if frame.seq <= stream.last_seq:
             self._drop(stream, "bad_seq", f"frame seq {frame.seq} after {stream.last_seq}")
@@ -121,6 +137,7 @@ class StreamTable:
     def drop_connection(self, conn: int) -> None:
         for key in [k for k in self._streams if k[0] == conn]:
             self._forget(key)
+        self._told = {k for k in self._told if k[0] != conn}
 
     def start(self) -> None:
         self._ticker = asyncio.create_task(self._tick_forever(), name="vad-ticker")
@@ -208,7 +225,13 @@ class StreamTable:
 
     def _drop(self, stream: _Stream, reason: str, detail: str) -> None:
         self._fail(stream.outbox, stream.key[1], reason, detail)
+        self._remember_told(stream.key)
         self._forget(stream.key)
+
+    def _remember_told(self, key: tuple[int, str]) -> None:
+        if len(self._told) >= _MAX_TOLD:
+            self._told.clear()
+        self._told.add(key)
 
     def _fail(self, outbox: Outbox, stream_id: str, reason: str, detail: str) -> None:
         STREAM_ERRORS.labels(reason).inc()
