@@ -39,6 +39,11 @@ REPLAY_FRAME_SAMPLES = SAMPLE_RATE * 60 // 1000
 # Without a known speech start, replay this much so a start the lost replica
 # had not yet reported is found again.
 REPLAY_LOOKBACK = 2 * SAMPLE_RATE
+# A refused VAD stream is re-opened at once, then after pauses doubling from
+# 0.25 s to 2 s: a replica at its stream limit would otherwise be asked again
+# in a tight loop. Refusals further apart than this start the count afresh.
+REFUSAL_BACKOFF_S = (0.0, 0.25, 0.5, 1.0, 2.0)
+REFUSAL_RESET_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,9 @@ class DeviceSession:
         self._inflight: set[asyncio.Task[None]] = set()
         self._last_delivery: asyncio.Future[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._refusals = 0
+        self._last_refusal = 0.0
+        self._vad_retry: asyncio.TimerHandle | None = None
 
     # -- device messages -------------------------------------------------
 
@@ -137,6 +145,7 @@ class DeviceSession:
         self._record({"mode": mode, "listening": "1"})
 
     def _stop_listening(self) -> None:
+        self._cancel_vad_retry()
         if self.mode == "manual" and self._manual_start is not None:
             self._finish_utterance(self._manual_start, self._buffer.end, "listen_stop")
         self._manual_start = None
@@ -235,7 +244,32 @@ class DeviceSession:
             replay_from = stream.speech_start
             self._forget_stream(event.stream_id)
             if current:
-                self._open_vad_stream(replay_from=replay_from)
+                self._reopen_after_refusal(replay_from, stream.client)
+
+    def _reopen_after_refusal(self, replay_from: int | None, refused_by: VadStreamClient) -> None:
+        now = time.monotonic()
+        if now - self._last_refusal > REFUSAL_RESET_S:
+            self._refusals = 0
+        self._last_refusal = now
+        delay = REFUSAL_BACKOFF_S[min(self._refusals, len(REFUSAL_BACKOFF_S) - 1)]
+        self._refusals += 1
+        # Audio that arrives during the pause is replayed to the new stream.
+        origin = self._buffer.end if replay_from is None else replay_from
+
+        def reopen() -> None:
+            self._vad_retry = None
+            if self._stream_id is None and self.mode not in (None, "manual"):
+                self._open_vad_stream(replay_from=origin, avoid=refused_by)
+
+        if delay == 0:
+            reopen()
+        else:
+            self._vad_retry = asyncio.get_running_loop().call_later(delay, reopen)
+
+    def _cancel_vad_retry(self) -> None:
+        if self._vad_retry is not None:
+            self._vad_retry.cancel()
+            self._vad_retry = None
 
     # -- utterances --------------------------------------------------------
 
@@ -347,6 +381,7 @@ class DeviceSession:
         await self._link.close(GOING_RESTART, "gateway restarting, please reconnect")
 
     async def close(self) -> None:
+        self._cancel_vad_retry()
         for stream_id, stream in list(self._streams.items()):
             stream.client.close(stream_id, flush=False)
             self._forget_stream(stream_id)
