@@ -16,7 +16,6 @@ on time and tells the others immediately.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections import deque
@@ -26,6 +25,7 @@ from typing import Generic, TypeVar
 
 from services.common import metrics
 from services.common.inference import InferenceThread
+from services.common.tasks import cancel_and_wait
 
 RequestT = TypeVar("RequestT")
 ResultT = TypeVar("ResultT")
@@ -120,11 +120,8 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
         deadline = time.monotonic() + drain_timeout
         while (self._waiting or self._in_flight) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        if self._consumer is not None:
-            self._consumer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._consumer
-            self._consumer = None
+        await cancel_and_wait(self._consumer)
+        self._consumer = None
         for item in self._waiting:
             if not item.future.done():
                 item.future.set_exception(QueueFullError("server is shutting down"))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 from prometheus_client import Gauge, Histogram
+
+from services.common.tasks import cancel_and_wait
 
 LOOP_LAG = Histogram(
     "speechfront_event_loop_lag_seconds",
@@ -32,10 +33,7 @@ class LoopLagMonitor:
         self._task = asyncio.create_task(self._run(), name=f"{self._service}-loop-lag")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         histogram = LOOP_LAG.labels(self._service)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 
+from services.common.tasks import cancel_and_wait
 from services.gateway import metrics
 from services.gateway.compute import ComputeClients
 from services.gateway.config import GatewaySettings
@@ -93,10 +94,7 @@ class SessionHub:
         self._relay = asyncio.create_task(self._relay_forever(), name="reply-relay")
 
     async def stop(self) -> None:
-        if self._relay is not None:
-            self._relay.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._relay
+        await cancel_and_wait(self._relay)
 
     async def _relay_forever(self) -> None:
         """One pub/sub connection per gateway; re-subscribed after a Redis outage."""

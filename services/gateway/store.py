@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import time
@@ -31,6 +30,8 @@ from typing import Any
 import numpy as np
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
+
+from services.common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +109,7 @@ class SessionStore:
         self._watcher = asyncio.create_task(self._watch(), name="redis-watch")
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        await cancel_and_wait(self._watcher)
         await self._flush_pending()
         await self._redis.aclose()
         await self.raw.aclose()

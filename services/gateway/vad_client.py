@@ -9,7 +9,6 @@ receiver routes each event to the session that owns its stream id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -17,6 +16,7 @@ import grpc
 from prometheus_client import Counter, Gauge
 
 from services.common.grpc_client import open_channel
+from services.common.tasks import cancel_and_wait
 from services.protos import vad_pb2, vad_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,7 @@ class VadStreamClient:
         self._task = asyncio.create_task(self._run(), name="vad-stream")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     def open(self, stream_id: str, start_sample: int = 0, silence_ms: int = 0) -> None:
         self._put(

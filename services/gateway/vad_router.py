@@ -12,12 +12,12 @@ that come and go are picked up.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import socket
 from collections.abc import Callable
 
+from services.common.tasks import cancel_and_wait
 from services.gateway.vad_client import EventHandler, VadStreamClient
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,7 @@ class VadRouter:
             self._refresher = asyncio.create_task(self._refresh_forever(), name="vad-dns")
 
     async def stop(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        await cancel_and_wait(self._refresher)
         await asyncio.gather(*(client.stop() for client in self.clients.values()))
 
     @property

@@ -10,7 +10,6 @@ routed back to the owning connection.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from prometheus_client import Counter, Gauge
 from services.common import metrics
 from services.common.audio import SAMPLE_RATE, pcm16_to_float, samples_to_ms
 from services.common.inference import InferenceThread
+from services.common.tasks import cancel_and_wait
 from services.protos import vad_pb2
 from services.vad.engine import VadEngine
 
@@ -143,10 +143,7 @@ class StreamTable:
         self._ticker = asyncio.create_task(self._tick_forever(), name="vad-ticker")
 
     async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+        await cancel_and_wait(self._ticker)
 
     async def _tick_forever(self) -> None:
         next_tick = time.monotonic()
