@@ -21,19 +21,15 @@ SPEAKER_THRESHOLD = "0.86"
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """The whole speech path as separate processes, as `make run` starts it."""
     run_dir: Path = tmp_path_factory.mktemp("cluster")
-    local = LocalCluster(
+    with LocalCluster(
         run_dir,
         extra_env={
             "SF_GATEWAY_AUTH_TOKENS": DEVICE_TOKEN,
             "SF_GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
             "SF_GATEWAY_SPEAKER_THRESHOLD": SPEAKER_THRESHOLD,
         },
-    )
-    local.start()
-    try:
+    ) as local:
         yield local
-    finally:
-        local.stop()
 
 
 @pytest.fixture(scope="session")

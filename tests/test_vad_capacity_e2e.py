@@ -21,15 +21,11 @@ SENTENCE = "turn on the kitchen lights"
 
 @pytest.fixture(scope="module")
 def one_stream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(
+    with LocalCluster(
         tmp_path_factory.mktemp("one-stream"),
         extra_env={"SF_GATEWAY_AUTH_TOKENS": DEVICE_TOKEN, "SF_VAD_MAX_STREAMS": "1"},
-    )
-    cluster.start()
-    try:
+    ) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def refusals(cluster: LocalCluster) -> float:

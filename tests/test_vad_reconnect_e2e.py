@@ -22,7 +22,7 @@ DEVICES = 6
 
 @pytest.fixture(scope="module")
 def recycling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(
+    with LocalCluster(
         tmp_path_factory.mktemp("recycling"),
         extra_env={
             "SF_GATEWAY_AUTH_TOKENS": DEVICE_TOKEN,
@@ -30,12 +30,8 @@ def recycling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster
             "SF_VAD_MAX_CONNECTION_AGE_S": "2",
             "SF_VAD_MAX_CONNECTION_AGE_GRACE_S": "0.5",
         },
-    )
-    cluster.start()
-    try:
+    ) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def reconnects(cluster: LocalCluster) -> float:

@@ -10,10 +10,10 @@ import numpy as np
 from services.asr.config import AsrSettings
 from services.asr.engine import AsrEngine, AsrRequest, Transcript
 from services.common.audio import SAMPLE_RATE
-from services.common.batched_rpc import decode_utterance, serve_batched, submit_or_abort
+from services.common.batched_rpc import decode_or_abort, serve_batched, submit_or_abort
 from services.common.batching import DynamicBatcher
 from services.common.config import load_settings
-from services.common.grpc_service import configure_logging, status_for
+from services.common.grpc_service import configure_logging
 from services.common.inference import InferenceThread
 from services.protos import asr_pb2, asr_pb2_grpc
 
@@ -45,10 +45,7 @@ class AsrServicer(asr_pb2_grpc.AsrServicer):
     async def Recognize(
         self, request: asr_pb2.RecognizeRequest, context: grpc.aio.ServicerContext
     ) -> asr_pb2.RecognizeResponse:
-        try:
-            audio = decode_utterance(request.pcm, request.sample_rate, self._max_s)
-        except ValueError as exc:
-            await context.abort(status_for(exc), str(exc))
+        audio = await decode_or_abort(request.pcm, request.sample_rate, self._max_s, context)
         job = AsrRequest(audio=audio, language=request.language or "auto", use_itn=request.use_itn)
         done = await submit_or_abort(self._batcher, job, context)
         result = done.value

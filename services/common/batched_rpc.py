@@ -29,6 +29,17 @@ def decode_utterance(pcm: bytes, sample_rate: int, max_seconds: float) -> np.nda
     return audio
 
 
+async def decode_or_abort(
+    pcm: bytes, sample_rate: int, max_seconds: float, context: grpc.aio.ServicerContext
+) -> np.ndarray:
+    """``decode_utterance``, or end the call with INVALID_ARGUMENT saying why."""
+    try:
+        return decode_utterance(pcm, sample_rate, max_seconds)
+    except ValueError as exc:
+        await context.abort(status_for(exc), str(exc))
+    raise AssertionError("context.abort always raises")
+
+
 async def submit_or_abort(
     batcher: DynamicBatcher[RequestT, ResultT],
     request: RequestT,

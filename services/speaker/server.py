@@ -10,10 +10,10 @@ import grpc
 import numpy as np
 
 from services.common.audio import SAMPLE_RATE
-from services.common.batched_rpc import decode_utterance, serve_batched, submit_or_abort
+from services.common.batched_rpc import decode_or_abort, serve_batched, submit_or_abort
 from services.common.batching import DynamicBatcher
 from services.common.config import load_settings
-from services.common.grpc_service import configure_logging, status_for
+from services.common.grpc_service import configure_logging
 from services.common.inference import InferenceThread
 from services.protos import speaker_pb2, speaker_pb2_grpc
 from services.speaker.config import SpeakerSettings
@@ -41,10 +41,7 @@ class SpeakerServicer(speaker_pb2_grpc.SpeakerServicer):
     async def Embed(
         self, request: speaker_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> speaker_pb2.EmbedResponse:
-        try:
-            audio = decode_utterance(request.pcm, request.sample_rate, self._max_s)
-        except ValueError as exc:
-            await context.abort(status_for(exc), str(exc))
+        audio = await decode_or_abort(request.pcm, request.sample_rate, self._max_s, context)
         done = await submit_or_abort(self._batcher, audio, context)
         return speaker_pb2.EmbedResponse(
             embedding=done.value.tolist(),
