@@ -24,7 +24,8 @@ def loudest_frame_dbfs(pcm: bytes, frame_ms: int = 20) -> float:
     Digital silence gives -inf; a quiet room through a real microphone is
     around -60 to -50 dBFS, speech -40 to -10.
     """
-    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float64) / 32768.0
+    # float32: this runs on the gateway's event loop once per utterance.
+    samples = pcm16_to_float(pcm)
     if samples.size == 0:
         return float("-inf")
     frame = ms_to_samples(frame_ms)
