@@ -19,7 +19,9 @@ from services.common.loop_monitor import LoopLagMonitor
 from services.gateway.compute import ComputeClients
 from services.gateway.config import GatewaySettings
 from services.gateway.connection import serve_device
-from services.gateway.hub import GatewayContext, SessionHub
+from services.gateway.context import GatewayContext
+from services.gateway.hub import SessionHub
+from services.gateway.recognition import Recognizer
 from services.gateway.speakers_api import router as speakers_router
 from services.gateway.store import SessionStore
 from services.gateway.vad_router import VadRouter
@@ -37,12 +39,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         )
         hub = SessionHub(store)
         vad = VadRouter(settings.vad_target, hub.on_vad_event, hub.on_vad_lost)
+        compute = ComputeClients(settings.asr_target, settings.speaker_target)
         ctx = GatewayContext(
             settings=settings,
             store=store,
-            compute=ComputeClients(settings.asr_target, settings.speaker_target),
+            compute=compute,
             vad=vad,
             hub=hub,
+            recognizer=Recognizer(settings, compute, store),
         )
         app.state.ctx = ctx
         loop_monitor = LoopLagMonitor("gateway")

@@ -14,18 +14,17 @@ from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from services.gateway import metrics
+from services.gateway.context import GatewayContext
+from services.gateway.device_link import DeviceLink
 from services.gateway.errors import (
     INTERNAL_ERROR,
     POLICY_VIOLATION,
-    TRY_AGAIN_LATER,
     ConnectionRejected,
 )
 from services.gateway.framing import PayloadType, decode_frame, parse_protocol_version
-from services.gateway.hub import GatewayContext
 from services.gateway.messages import declared_frame_duration, hello_reply, parse_message
 from services.gateway.opus import OpusStreamDecoder
-from services.gateway.session import DeviceLink, DeviceSession, new_session_id
-from services.gateway.vad_client import VadBackpressure
+from services.gateway.session import DeviceSession, new_session_id
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +124,6 @@ async def serve_device(ctx: GatewayContext, websocket: WebSocket) -> None:
         metrics.CLOSES.labels(exc.label if session else f"handshake_{exc.label}").inc()
         log.info("closing connection: %s", exc.reason)
         await _close(websocket, exc.code, exc.reason)
-    except VadBackpressure as exc:
-        metrics.CLOSES.labels("vad_backpressure").inc()
-        await _close(websocket, TRY_AGAIN_LATER, str(exc))
     except WebSocketDisconnect:
         pass
     except Exception:

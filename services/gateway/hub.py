@@ -11,18 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 
 from services.common.tasks import cancel_and_wait
 from services.gateway import metrics
-from services.gateway.compute import ComputeClients
-from services.gateway.config import GatewaySettings
 from services.gateway.store import SessionStore
 from services.gateway.vad_client import VadStreamClient
-from services.gateway.vad_router import VadRouter
 from services.protos import vad_pb2
 
 if TYPE_CHECKING:
@@ -39,22 +36,10 @@ REPLIES = Counter(
 REPLY_PREFIX = "sf:reply:"
 
 
-@dataclass
-class GatewayContext:
-    """What every session of a gateway shares."""
-
-    settings: GatewaySettings
-    store: SessionStore
-    compute: ComputeClients
-    vad: VadRouter
-    hub: SessionHub
-    draining: bool = field(default=False)
-
-
 class SessionHub:
     def __init__(self, store: SessionStore) -> None:
         self.sessions: dict[str, DeviceSession] = {}
-        self._by_stream: dict[str, DeviceSession] = {}
+        self._by_stream: dict[str, Callable[[vad_pb2.SpeechEvent], None]] = {}
         self._store = store
         self._subscribe_queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._relay: asyncio.Task[None] | None = None
@@ -73,20 +58,24 @@ class SessionHub:
 
     # -- VAD events ------------------------------------------------------
 
-    def bind_stream(self, stream_id: str, session: DeviceSession) -> None:
-        self._by_stream[stream_id] = session
+    def bind_stream(self, stream_id: str, handler: Callable[[vad_pb2.SpeechEvent], None]) -> None:
+        self._by_stream[stream_id] = handler
 
     def unbind_stream(self, stream_id: str) -> None:
         self._by_stream.pop(stream_id, None)
 
     def on_vad_event(self, event: vad_pb2.SpeechEvent) -> None:
-        session = self._by_stream.get(event.stream_id)
-        if session is not None:
-            session.on_vad_event(event)
+        handler = self._by_stream.get(event.stream_id)
+        if handler is not None:
+            handler(event)
 
     def on_vad_lost(self, client: VadStreamClient) -> None:
+        """Every session with a stream on the lost replica asks for another."""
         for session in list(self.sessions.values()):
-            session.on_vad_lost(client)
+            try:
+                session.on_vad_lost(client)
+            except Exception:
+                log.exception("session %s: re-pinning failed", session.session_id)
 
     # -- backend replies ---------------------------------------------------
 

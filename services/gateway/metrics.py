@@ -43,3 +43,7 @@ VAD_REPLAYS = Counter(
     "speechfront_gateway_vad_replays_total",
     "Sessions re-pinned to another VAD replica, with their unfinished audio replayed.",
 )
+VAD_SHED = Counter(
+    "speechfront_gateway_vad_shed_total",
+    "VAD streams given up because their replica's backlog was full; re-opened with replay.",
+)

@@ -11,19 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from services.common.audio import samples_to_ms
 from services.gateway import metrics
+from services.gateway.compute import ComputeClients
+from services.gateway.config import GatewaySettings
+from services.gateway.store import SessionStore
+from services.gateway.utterances import Utterance
 from services.protos import asr_pb2
-
-if TYPE_CHECKING:
-    from services.gateway.session import DeviceSession
 
 log = logging.getLogger(__name__)
 
@@ -34,74 +35,81 @@ _OVERLOAD_CODES = (
     grpc.StatusCode.DEADLINE_EXCEEDED,
 )
 
+SendJson = Callable[[dict[str, Any]], Awaitable[bool]]
+
 
 @dataclass(frozen=True)
-class Utterance:
-    seq: int
-    pcm: bytes
-    # Absolute sample offsets in the session's audio.
-    start: int
-    end: int
-    # What ended it: vad, listen_stop, max_length, vad_lost.
-    cause: str
-    decided_at: float
+class Speaker:
+    """Whose utterance it is: the session and device its result belongs to."""
 
-    def id(self, session_id: str) -> str:
-        return f"{session_id}-{self.seq}"
+    session_id: str
+    device_id: str
 
 
-async def recognize(
-    session: DeviceSession,
-    utterance: Utterance,
-    previous: asyncio.Future[None] | None,
-    delivered: asyncio.Future[None],
-) -> None:
-    """Compute, record and deliver one result; results leave in utterance order."""
-    utterance_id = utterance.id(session.session_id)
-    try:
+@dataclass(frozen=True)
+class Recognition:
+    utterance: Utterance
+    utterance_id: str
+    asr: asr_pb2.RecognizeResponse | BaseException
+    speaker: dict[str, Any] | None
+
+
+class Recognizer:
+    def __init__(
+        self, settings: GatewaySettings, compute: ComputeClients, store: SessionStore
+    ) -> None:
+        self._settings = settings
+        self._compute = compute
+        self._store = store
+
+    async def compute(self, who: Speaker, utterance: Utterance) -> Recognition:
+        """Text and speaker of one utterance; a failure is kept in the result."""
+        utterance_id = utterance.id(who.session_id)
         asr: asr_pb2.RecognizeResponse | BaseException
         speaker: dict[str, Any] | BaseException | None
         asr, speaker = await asyncio.gather(
-            _timed("asr", _transcribe(session, utterance.pcm, utterance_id)),
-            _timed("speaker", identify(session, utterance.pcm, utterance_id)),
+            _timed("asr", self._transcribe(utterance.pcm, utterance_id)),
+            _timed("speaker", self.identify(who.device_id, utterance.pcm, utterance_id)),
             return_exceptions=True,
         )
-        if previous is not None:
-            await previous
-        if isinstance(asr, BaseException):
-            await _report_failure(session, utterance_id, asr)
-            return
         if isinstance(speaker, BaseException):
             log.warning("utterance %s: speaker check failed: %s", utterance_id, speaker)
             speaker = None
+        return Recognition(utterance, utterance_id, asr, speaker)
+
+    async def publish(self, who: Speaker, result: Recognition, send: SendJson) -> None:
+        """Record a result and deliver it (or keep it for the device's next connection)."""
+        asr, utterance, utterance_id = result.asr, result.utterance, result.utterance_id
+        if isinstance(asr, BaseException):
+            await _report_failure(who, utterance_id, asr, send)
+            return
         if not asr.text.strip():
             # Noise or a cough: nothing to show the user or hand to the backend.
             metrics.UTTERANCES.labels("empty").inc()
             return
-        message = _stt_message(session, utterance, utterance_id, asr, speaker)
-        store = session.ctx.store
-        await store.append_transcript(
+        message = _stt_message(who, utterance, utterance_id, asr, result.speaker)
+        await self._store.append_transcript(
             {
                 "utterance_id": utterance_id,
-                "device_id": session.device_id,
-                "session_id": session.session_id,
-                "gateway_id": session.ctx.settings.gateway_id,
+                "device_id": who.device_id,
+                "session_id": who.session_id,
+                "gateway_id": self._settings.gateway_id,
                 "seq": str(utterance.seq),
                 "text": asr.text,
                 "language": asr.language,
                 "emotion": asr.emotion,
                 "event": asr.event,
-                "speaker": speaker or "",
+                "speaker": result.speaker or "",
                 "timing": message["timing"],
             }
         )
-        if not await session.send_json(message):
-            await store.save_undelivered(session.device_id, message)
+        if not await send(message):
+            await self._store.save_undelivered(who.device_id, message)
         metrics.PROCESSING_SECONDS.observe(time.monotonic() - utterance.decided_at)
         metrics.UTTERANCES.labels("ok").inc()
-        await store.save_session(
-            session.session_id,
-            session.device_id,
+        await self._store.save_session(
+            who.session_id,
+            who.device_id,
             {
                 "last_utterance_id": utterance_id,
                 "last_text": asr.text,
@@ -109,19 +117,48 @@ async def recognize(
                 "utterances": str(utterance.seq),
             },
         )
-    finally:
-        delivered.set_result(None)
+
+    async def _transcribe(self, pcm: bytes, utterance_id: str) -> asr_pb2.RecognizeResponse:
+        settings = self._settings
+        return await self._compute.recognize(
+            pcm, settings.asr_language, settings.asr_use_itn, utterance_id, settings.asr_timeout_s
+        )
+
+    async def identify(
+        self, device_id: str, pcm: bytes, utterance_id: str
+    ) -> dict[str, Any] | None:
+        """Best enrolled voiceprint of this device above the threshold, if any."""
+        prints = await self._store.voiceprints(device_id)
+        if not prints:
+            return None
+        settings = self._settings
+        embedding = await self._compute.embed(pcm, utterance_id, settings.speaker_timeout_s)
+        candidates = [p for p in prints if p.model == embedding.model]
+        if not candidates:
+            metrics.SPEAKER_MATCHES.labels("no_comparable_voiceprint").inc()
+            return None
+        scores = np.stack([p.embedding for p in candidates]) @ embedding.vector
+        best = int(np.argmax(scores))
+        if scores[best] < settings.speaker_threshold:
+            metrics.SPEAKER_MATCHES.labels("unknown").inc()
+            return None
+        metrics.SPEAKER_MATCHES.labels("matched").inc()
+        return {
+            "speaker_id": candidates[best].speaker_id,
+            "name": candidates[best].name,
+            "score": round(float(scores[best]), 4),
+        }
 
 
 def _stt_message(
-    session: DeviceSession,
+    who: Speaker,
     utterance: Utterance,
     utterance_id: str,
     asr: asr_pb2.RecognizeResponse,
     speaker: dict[str, Any] | None,
 ) -> dict[str, Any]:
     return {
-        "session_id": session.session_id,
+        "session_id": who.session_id,
         "type": "stt",
         "text": asr.text,
         "utterance_id": utterance_id,
@@ -143,16 +180,18 @@ def _stt_message(
     }
 
 
-async def _report_failure(session: DeviceSession, utterance_id: str, error: BaseException) -> None:
+async def _report_failure(
+    who: Speaker, utterance_id: str, error: BaseException, send: SendJson
+) -> None:
     """Tell the device its utterance was not recognised, rather than stay silent."""
     code = error.code() if isinstance(error, grpc.aio.AioRpcError) else None
     overloaded = code in _OVERLOAD_CODES
     reason = "overloaded" if overloaded else "asr_error"
     metrics.UTTERANCES.labels(reason).inc()
     log.warning("utterance %s: recognition failed: %s", utterance_id, error)
-    await session.send_json(
+    await send(
         {
-            "session_id": session.session_id,
+            "session_id": who.session_id,
             "type": "alert",
             "status": "error",
             "message": "speech service busy, please try again"
@@ -163,39 +202,6 @@ async def _report_failure(session: DeviceSession, utterance_id: str, error: Base
             "reason": reason,
         }
     )
-
-
-async def _transcribe(
-    session: DeviceSession, pcm: bytes, utterance_id: str
-) -> asr_pb2.RecognizeResponse:
-    settings = session.ctx.settings
-    return await session.ctx.compute.recognize(
-        pcm, settings.asr_language, settings.asr_use_itn, utterance_id, settings.asr_timeout_s
-    )
-
-
-async def identify(session: DeviceSession, pcm: bytes, utterance_id: str) -> dict[str, Any] | None:
-    """Best enrolled voiceprint of this device above the threshold, if any."""
-    ctx = session.ctx
-    prints = await ctx.store.voiceprints(session.device_id)
-    if not prints:
-        return None
-    embedding = await ctx.compute.embed(pcm, utterance_id, ctx.settings.speaker_timeout_s)
-    candidates = [p for p in prints if p.model == embedding.model]
-    if not candidates:
-        metrics.SPEAKER_MATCHES.labels("no_comparable_voiceprint").inc()
-        return None
-    scores = np.stack([p.embedding for p in candidates]) @ embedding.vector
-    best = int(np.argmax(scores))
-    if scores[best] < ctx.settings.speaker_threshold:
-        metrics.SPEAKER_MATCHES.labels("unknown").inc()
-        return None
-    metrics.SPEAKER_MATCHES.labels("matched").inc()
-    return {
-        "speaker_id": candidates[best].speaker_id,
-        "name": candidates[best].name,
-        "score": round(float(scores[best]), 4),
-    }
 
 
 async def _timed(service: str, awaitable: Awaitable[T]) -> T:

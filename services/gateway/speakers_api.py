@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Form, Header, HTTPException, Request, UploadFile
 
 from services.common.audio import SAMPLE_RATE, float_to_pcm16, read_wav
-from services.gateway.session import GatewayContext
+from services.gateway.context import GatewayContext
 
 MAX_ENROL_BYTES = 10 * 1024 * 1024
 MIN_ENROL_SECONDS = 1.0

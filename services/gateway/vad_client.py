@@ -1,18 +1,25 @@
-"""The gateway's side of the multiplexed VAD stream.
+"""The gateway's side of the multiplexed VAD stream to one replica.
 
-All sessions of this gateway share one bidirectional gRPC stream to the VAD
-service. Sessions enqueue opens, frames and closes; one sender drains the
-queue into as few ``VadRequest`` messages as the backlog allows, and one
+All sessions of this gateway pinned to a replica share one bidirectional gRPC
+stream to it. Sessions enqueue opens, frames and closes; one sender drains
+the queue into as few ``VadRequest`` messages as the backlog allows, and one
 receiver routes each event to the session that owns its stream id.
+
+Two things end a connection besides the server: a transport error, and the
+replica failing its health checks while the connection looks open (a frozen
+process keeps its TCP socket). Either way every stream on it is gone and the
+``on_lost`` callback lets the owners re-pin.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Counter, Gauge
 
 from services.common.grpc_client import open_channel
@@ -24,7 +31,13 @@ log = logging.getLogger(__name__)
 VAD_RECONNECTS = Counter(
     "speechfront_gateway_vad_reconnects_total", "Times the VAD stream had to be re-established."
 )
-VAD_BACKLOG = Gauge("speechfront_gateway_vad_backlog", "VAD operations waiting to be sent.")
+VAD_STALLS = Counter(
+    "speechfront_gateway_vad_stalls_total",
+    "VAD connections abandoned because the replica stopped answering health checks.",
+)
+VAD_BACKLOG = Gauge(
+    "speechfront_gateway_vad_backlog", "VAD operations waiting to be sent, by replica.", ["replica"]
+)
 
 EventHandler = Callable[[vad_pb2.SpeechEvent], None]
 _Op = vad_pb2.StreamOpen | vad_pb2.AudioFrame | vad_pb2.StreamClose
@@ -35,10 +48,6 @@ _RETIRED = None
 _MAX_OPS_PER_MESSAGE = 512
 
 
-class VadBackpressure(Exception):
-    """The VAD stream cannot keep up; the caller sheds the session."""
-
-
 class VadStreamClient:
     def __init__(
         self,
@@ -46,21 +55,34 @@ class VadStreamClient:
         on_event: EventHandler,
         on_lost: Callable[[VadStreamClient], None],
         max_backlog: int = 20_000,
+        health_interval_s: float = 1.0,
+        health_failures: int = 2,
     ) -> None:
         self.target = target
         self._on_event = on_event
         # Streams on a lost connection are gone; their owners re-pin and replay.
         self._on_lost = on_lost
         self._max_backlog = max_backlog
-        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue(maxsize=max_backlog)
+        self._health_interval_s = health_interval_s
+        self._health_failures = health_failures
+        # Unbounded as a container; opens and frames respect ``max_backlog``
+        # (``has_room``) while closes always go, so cleanup never fails.
+        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._backlog = VAD_BACKLOG.labels(target)
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="vad-stream")
+        self._task = asyncio.create_task(self._run(), name=f"vad-stream-{self.target}")
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
+
+    # -- operations (never raise) ------------------------------------------
+
+    def has_room(self, ops: int = 1) -> bool:
+        """Whether ``ops`` more opens or frames fit in the backlog now."""
+        return self._queue.qsize() + ops <= self._max_backlog
 
     def open(self, stream_id: str, start_sample: int = 0, silence_ms: int = 0) -> None:
         self._put(
@@ -76,17 +98,17 @@ class VadStreamClient:
         self._put(vad_pb2.StreamClose(stream_id=stream_id, flush=flush))
 
     def _put(self, op: _Op) -> None:
-        try:
-            self._queue.put_nowait(op)
-        except asyncio.QueueFull:
-            raise VadBackpressure("VAD stream backlog is full") from None
-        VAD_BACKLOG.set(self._queue.qsize())
+        self._queue.put_nowait(op)
+        self._backlog.set(self._queue.qsize())
+
+    # -- connection ------------------------------------------------------
 
     async def _run(self) -> None:
         backoff = 0.1
         while True:
             channel = open_channel(self.target)
             was_connected = False
+            watchdog: asyncio.Task[None] | None = None
             try:
                 stub = vad_pb2_grpc.VadStub(channel)
                 call = stub.Stream(self._requests(self._queue), wait_for_ready=True)
@@ -94,16 +116,24 @@ class VadStreamClient:
                 self.connected.set()
                 was_connected = True
                 backoff = 0.1
+                watchdog = asyncio.create_task(self._watch_health(channel, call))
                 async for response in call:
                     for event in response.events:
                         self._dispatch(event)
                 log.warning("VAD stream to %s ended by the server", self.target)
+            except asyncio.CancelledError:
+                if watchdog is None or not watchdog.done() or watchdog.cancelled():
+                    raise
+                # The watchdog cancelled the call: the replica is stalled.
+                log.warning("VAD replica %s stopped answering; stream abandoned", self.target)
             except (grpc.aio.AioRpcError, TimeoutError) as exc:
                 if was_connected:
                     log.warning("VAD stream to %s failed: %s", self.target, exc)
             finally:
                 self.connected.clear()
-                await channel.close()
+                await cancel_and_wait(watchdog)
+                with contextlib.suppress(Exception):
+                    await channel.close(grace=None)
             # Each connection attempt reads its own queue. grpc keeps polling
             # the request generator of a call the server ended, so a shared
             # queue would hand the next connection's first message (the
@@ -114,16 +144,46 @@ class VadStreamClient:
                 VAD_RECONNECTS.inc()
             # What was queued for this attempt is gone with it; the sessions
             # re-open and replay what they need.
-            self._on_lost(self)
+            self._report_lost()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
+    async def _watch_health(
+        self, channel: grpc.aio.Channel, call: grpc.aio.StreamStreamCall
+    ) -> None:
+        """Cancel the call once the replica misses ``health_failures`` checks in a row.
+
+        A frozen replica keeps its socket open and sends nothing: without this
+        the stream would look healthy until keepalive or TCP gives up.
+        """
+        stub = health_pb2_grpc.HealthStub(channel)
+        misses = 0
+        while misses < self._health_failures:
+            await asyncio.sleep(self._health_interval_s)
+            try:
+                reply = await stub.Check(
+                    health_pb2.HealthCheckRequest(), timeout=self._health_interval_s
+                )
+                serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.aio.AioRpcError:
+                serving = False
+            misses = 0 if serving else misses + 1
+        VAD_STALLS.inc()
+        call.cancel()
+
+    def _report_lost(self) -> None:
+        try:
+            self._on_lost(self)
+        except Exception:
+            # One session's failure to move must not end this client's loop.
+            log.exception("re-pinning sessions after losing %s failed", self.target)
+
     def _retire_queue(self) -> None:
-        old, self._queue = self._queue, asyncio.Queue(maxsize=self._max_backlog)
+        old, self._queue = self._queue, asyncio.Queue()
         while not old.empty():
             old.get_nowait()
         old.put_nowait(_RETIRED)
-        VAD_BACKLOG.set(0)
+        self._backlog.set(0)
 
     def _dispatch(self, event: vad_pb2.SpeechEvent) -> None:
         try:
@@ -144,7 +204,7 @@ class VadStreamClient:
                 if op is _RETIRED:
                     return
                 ops.append(op)
-            VAD_BACKLOG.set(queue.qsize())
+            self._backlog.set(queue.qsize())
             yield _pack(ops)
 
 
