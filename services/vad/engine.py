@@ -23,6 +23,23 @@ class VadEvent:
 
 
 class VadEngine(Protocol):
+    """A batch of live streams' detector state, and the model that advances it.
+
+    Threading rule: every method (``open``, ``close`` and ``step`` alike) is
+    called only from the engine's own thread, the process's inference thread
+    (``services.common.inference``), one call at a time, never concurrently
+    with another. The engine is built there too. Why: engines keep per-stream
+    state in shared, slot-indexed arrays that a ``step`` reads and writes
+    throughout, reuse the slot of a closed stream for the next open, and may
+    replace those arrays when they grow; the models behind them are not
+    thread-safe either. An ``open`` or ``close`` racing a ``step`` would hand
+    a new stream the state that step is still writing for the stream that
+    was closed (phantom speech) or lose the step's writes to the old arrays.
+    Engines therefore do no locking of their own: callers queue opens and
+    closes and run them on the inference thread just before a step (see
+    ``services.vad.streams``).
+    """
+
     name: str
 
     def open(self, stream_id: str, silence_ms: int) -> None:

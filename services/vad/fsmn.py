@@ -33,6 +33,12 @@ class _FsmnStream:
 
 
 class FsmnVadEngine:
+    """Not thread-safe, by design: only the inference thread calls it (see ``VadEngine``).
+
+    funasr's model is not thread-safe, and ``generate`` rewrites each stream's
+    cache in place.
+    """
+
     name = "fsmn-stream"
 
     def __init__(self, model_dir: Path | str, device: str = "cpu") -> None:

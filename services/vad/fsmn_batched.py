@@ -43,6 +43,13 @@ class _Stream:
 
 
 class BatchedFsmnVadEngine:
+    """Not thread-safe, by design: only the inference thread calls it (see ``VadEngine``).
+
+    ``open`` hands out the slot ``close`` freed last, and ``_grow`` replaces
+    the encoder and detector arrays a running ``step`` gathers from and
+    scatters into.
+    """
+
     name = "fsmn"
 
     def __init__(

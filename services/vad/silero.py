@@ -64,6 +64,12 @@ class _Stream:
 
 
 class SileroVadEngine:
+    """Not thread-safe, by design: only the inference thread calls it (see ``VadEngine``).
+
+    ``open`` hands out the slot ``close`` freed last, and ``_grow`` replaces
+    the state and context arrays a running ``step`` scatters into.
+    """
+
     name = "silero"
 
     def __init__(

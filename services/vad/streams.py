@@ -5,6 +5,15 @@ is keyed by (connection, stream id), so no connection can touch another's
 detector. Each tick, every stream with new audio (or a pending flush) goes
 into one engine step on the inference thread, and the resulting events are
 routed back to the owning connection.
+
+The engine belongs to the inference thread (see ``VadEngine``): the event loop
+never calls it. Opens and closes are only recorded here, in the order they
+were asked for, and each tick hands them to the inference thread, which
+applies them just before its step. So a stream opened while a step runs
+cannot be given state that step is still writing; its frames are stepped in
+the first tick after its open, together with the open; and the state of a
+flushed stream is dropped in the tick after the one that stepped its flush.
+Ticks never overlap.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from services.common.audio import SAMPLE_RATE, pcm16_to_float, samples_to_ms
 from services.common.inference import InferenceThread
 from services.common.tasks import cancel_and_wait
 from services.protos import vad_pb2
-from services.vad.engine import VadEngine
+from services.vad.engine import VadEngine, VadEvent
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +46,38 @@ TICK_LAG = Gauge(
 )
 
 Outbox = asyncio.Queue[vad_pb2.SpeechEvent]
+
+
+@dataclass(frozen=True)
+class _Open:
+    engine_id: str
+    silence_ms: int
+
+
+@dataclass(frozen=True)
+class _Close:
+    engine_id: str
+
+
+_Change = _Open | _Close
+
+
+def _apply_then_step(
+    engine: VadEngine,
+    changes: list[_Change],
+    chunks: dict[str, np.ndarray],
+    final: list[str],
+) -> list[VadEvent]:
+    """Runs on the inference thread: the opens and closes asked for since the
+    previous tick, in order, then one step of every stream with work."""
+    for change in changes:
+        if isinstance(change, _Open):
+            engine.open(change.engine_id, change.silence_ms)
+        else:
+            engine.close(change.engine_id)
+    if not chunks and not final:
+        return []
+    return engine.step(chunks, final)
 
 
 @dataclass
@@ -75,9 +116,12 @@ class StreamTable:
         self._max_backlog = int(max_backlog_s * SAMPLE_RATE)
         self._max_step = int(max_step_s * SAMPLE_RATE)
         self._streams: dict[tuple[int, str], _Stream] = {}
-        self._closing: set[tuple[int, str]] = set()
+        # Opens and closes not yet applied to the engine, in request order.
+        self._changes: list[_Change] = []
         self._told: set[tuple[int, str]] = set()
         self._ticker: asyncio.Task[None] | None = None
+        # Held from collecting a tick's work until its events are routed.
+        self._ticking = asyncio.Lock()
 
     @staticmethod
     def engine_id(key: tuple[int, str]) -> str:
@@ -91,8 +135,10 @@ class StreamTable:
             )
             self._remember_told(key)
             return
-        self._streams.pop(key, None)
-        self._engine.open(self.engine_id(key), request.silence_ms or self._default_silence_ms)
+        # Re-opened under the same key: the old stream ends here, unflushed.
+        self._forget(key)
+        silence_ms = request.silence_ms or self._default_silence_ms
+        self._changes.append(_Open(self.engine_id(key), silence_ms))
         origin_ms = samples_to_ms(request.start_sample)
         self._streams[key] = _Stream(key=key, outbox=outbox, origin_ms=origin_ms)
         STREAMS.set(len(self._streams))
@@ -158,6 +204,16 @@ class StreamTable:
             await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
 
     async def tick(self) -> None:
+        """One engine step for every stream with work, after the pending opens and closes.
+
+        Ticks are serialised: a second call waits until the first has routed
+        its events, so a flush is never stepped twice and a step's streams
+        are still the ones it collected when its events come back.
+        """
+        async with self._ticking:
+            await self._tick()
+
+    async def _tick(self) -> None:
         chunks: dict[str, np.ndarray] = {}
         final: list[str] = []
         stepped: dict[str, _Stream] = {}
@@ -171,16 +227,21 @@ class StreamTable:
             if stream.flush and not stream.pending:
                 final.append(engine_id)
             stepped[engine_id] = stream
-        if not stepped:
+        changes, self._changes = self._changes, []
+        if not stepped and not changes:
             return
         started = time.monotonic()
-        events = await self._inference.run(self._engine.step, chunks, final)
-        metrics.MODEL_SECONDS.labels("vad").observe(time.monotonic() - started)
-        metrics.BATCH_SIZE.labels("vad").observe(len(stepped))
-        metrics.AUDIO_SECONDS.labels("vad").inc(sum(c.size for c in chunks.values()) / SAMPLE_RATE)
+        events = await self._inference.run(_apply_then_step, self._engine, changes, chunks, final)
+        if stepped:
+            metrics.MODEL_SECONDS.labels("vad").observe(time.monotonic() - started)
+            metrics.BATCH_SIZE.labels("vad").observe(len(stepped))
+            audio = sum(c.size for c in chunks.values())
+            metrics.AUDIO_SECONDS.labels("vad").inc(audio / SAMPLE_RATE)
         for event in events:
             owner = stepped.get(event.stream_id)
-            if owner is None:
+            if owner is None or not self._is_live(owner):
+                # Closed, dropped or re-opened while the step ran: its owner
+                # has been told all it will hear of that stream.
                 continue
             kind = (
                 vad_pb2.SpeechEvent.SPEECH_START
@@ -199,6 +260,8 @@ class StreamTable:
             )
         for engine_id in final:
             closed = stepped[engine_id]
+            if not self._is_live(closed):
+                continue
             self._send(
                 closed.outbox,
                 vad_pb2.SpeechEvent(
@@ -248,7 +311,12 @@ class StreamTable:
             # either way, and the other connections must not stall.
             STREAM_ERRORS.labels("outbox_full").inc()
 
+    def _is_live(self, stream: _Stream) -> bool:
+        return self._streams.get(stream.key) is stream
+
     def _forget(self, key: tuple[int, str]) -> None:
+        """Forget a stream now; the engine drops its state at the next tick,
+        after anything already handed to the inference thread."""
         if self._streams.pop(key, None) is not None:
-            self._engine.close(self.engine_id(key))
+            self._changes.append(_Close(self.engine_id(key)))
         STREAMS.set(len(self._streams))
