@@ -57,6 +57,7 @@ class VadStreamClient:
         max_backlog: int = 20_000,
         health_interval_s: float = 1.0,
         health_failures: int = 2,
+        connect_timeout_s: float = 5.0,
     ) -> None:
         self.target = target
         self._on_event = on_event
@@ -65,6 +66,7 @@ class VadStreamClient:
         self._max_backlog = max_backlog
         self._health_interval_s = health_interval_s
         self._health_failures = health_failures
+        self._connect_timeout_s = connect_timeout_s
         # Unbounded as a container; opens and frames respect ``max_backlog``
         # (``has_room``) while closes always go, so cleanup never fails.
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
@@ -112,7 +114,7 @@ class VadStreamClient:
             try:
                 stub = vad_pb2_grpc.VadStub(channel)
                 call = stub.Stream(self._requests(self._queue), wait_for_ready=True)
-                await asyncio.wait_for(call.wait_for_connection(), 5.0)
+                await asyncio.wait_for(call.wait_for_connection(), self._connect_timeout_s)
                 self.connected.set()
                 was_connected = True
                 backoff = 0.1
