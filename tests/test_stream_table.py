@@ -152,8 +152,17 @@ def drain(outbox: Outbox) -> list[tuple[str, str, str]]:
     events = []
     while not outbox.empty():
         event = outbox.get_nowait()
-        events.append((event.stream_id, Kind.Name(event.kind), event.detail))
+        if not isinstance(event, int):  # acknowledgements are not events
+            events.append((event.stream_id, Kind.Name(event.kind), event.detail))
     return events
+
+
+def acks(outbox: Outbox) -> list[int]:
+    return [
+        item
+        for item in (outbox.get_nowait() for _ in range(outbox.qsize()))
+        if isinstance(item, int)
+    ]
 
 
 async def wait_entered(engine: RecordingEngine) -> None:
@@ -210,7 +219,9 @@ async def test_events_reach_the_owner_offset_by_the_stream_origin(
     engine.replies["1/a"] = [VadEvent("1/a", "start", 100), VadEvent("1/a", "end", 150)]
     await table.tick()
 
-    events = [outbox.get_nowait() for _ in range(outbox.qsize())]
+    events = [
+        e for e in (outbox.get_nowait() for _ in range(outbox.qsize())) if not isinstance(e, int)
+    ]
     assert [(e.stream_id, Kind.Name(e.kind), e.offset_ms, e.seq) for e in events] == [
         ("a", "SPEECH_START", 1100, 3),
         ("a", "SPEECH_END", 1150, 3),
@@ -456,3 +467,36 @@ async def test_ticks_never_overlap_even_on_an_inference_edge_that_would_allow_it
         ("step", {"1/a": FRAME_SAMPLES}, ()),
         ("step", {"1/a": FRAME_SAMPLES}, ()),
     ]
+
+
+async def test_a_tick_acknowledges_the_batches_read_before_it(
+    engine: RecordingEngine, inference: InferenceThread
+) -> None:
+    table = make_table(engine, inference)
+    outbox: Outbox = asyncio.Queue()
+    table.note_batch(1, outbox, 1)
+    table.open(1, outbox, open_req("a"))
+    table.note_batch(1, outbox, 2)
+    table.feed(1, outbox, frame("a", 1))
+    assert acks(outbox) == []
+    await table.tick()
+    assert acks(outbox) == [2]
+    await table.tick()
+    assert acks(outbox) == [], "a batch is acknowledged once"
+
+
+async def test_no_acknowledgement_while_the_step_is_held(
+    engine: RecordingEngine, inference: InferenceThread
+) -> None:
+    table = make_table(engine, inference)
+    outbox: Outbox = asyncio.Queue()
+    table.open(1, outbox, open_req("a"))
+    table.note_batch(1, outbox, 1)
+    table.feed(1, outbox, frame("a", 1))
+    hold = engine.hold_next_step()
+    tick = asyncio.create_task(table.tick())
+    await wait_entered(engine)
+    assert acks(outbox) == []
+    hold.set()
+    await tick
+    assert acks(outbox) == [1]

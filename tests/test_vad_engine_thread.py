@@ -77,7 +77,9 @@ def feed(table: StreamTable, outbox: Outbox, stream_id: str, audio: np.ndarray, 
 def drain(outbox: Outbox) -> list[vad_pb2.SpeechEvent]:
     events = []
     while not outbox.empty():
-        events.append(outbox.get_nowait())
+        item = outbox.get_nowait()
+        if isinstance(item, vad_pb2.SpeechEvent):
+            events.append(item)
     return events
 
 

@@ -38,7 +38,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             settings.redis_url, settings.session_ttl_s, settings.redis_max_connections
         )
         hub = SessionHub(store)
-        vad = VadRouter(settings.vad_target, hub.on_vad_event, hub.on_vad_lost)
+        vad = VadRouter(
+            settings.vad_target,
+            hub.on_vad_event,
+            hub.on_vad_lost,
+            progress_timeout_s=settings.vad_progress_timeout_s,
+        )
         compute = ComputeClients(settings.asr_target, settings.speaker_target)
         ctx = GatewayContext(
             settings=settings,

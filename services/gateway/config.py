@@ -43,6 +43,11 @@ class GatewaySettings(BaseSettings):
         20.0, ge=0, description="On SIGTERM: time to finish in-flight utterances."
     )
     max_inflight_utterances: int = Field(4, ge=1, description="Per session, awaiting results.")
+    vad_progress_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="A VAD replica that leaves audio unacknowledged this long is treated as lost.",
+    )
     vad_silence_ms: int = Field(500, ge=100, le=5000, description="End-of-speech window.")
     asr_language: str = "auto"
     asr_use_itn: bool = True

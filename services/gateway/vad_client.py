@@ -5,17 +5,22 @@ stream to it. Sessions enqueue opens, frames and closes; one sender drains
 the queue into as few ``VadRequest`` messages as the backlog allows, and one
 receiver routes each event to the session that owns its stream id.
 
-Two things end a connection besides the server: a transport error, and the
+Three things end a connection besides the server: a transport error; the
 replica failing its health checks while the connection looks open (a frozen
-process keeps its TCP socket). Either way every stream on it is gone and the
-``on_lost`` callback lets the owners re-pin.
+process keeps its TCP socket); and audio going unacknowledged for
+``progress_timeout_s`` (the replica answers but its detector is stuck).
+Either way every stream on it is gone and the ``on_lost`` callback lets the
+owners re-pin.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -33,7 +38,8 @@ VAD_RECONNECTS = Counter(
 )
 VAD_STALLS = Counter(
     "speechfront_gateway_vad_stalls_total",
-    "VAD connections abandoned because the replica stopped answering health checks.",
+    "VAD connections abandoned because the replica stalled, by sign (health, progress).",
+    ["sign"],
 )
 VAD_BACKLOG = Gauge(
     "speechfront_gateway_vad_backlog", "VAD operations waiting to be sent, by replica.", ["replica"]
@@ -58,6 +64,7 @@ class VadStreamClient:
         health_interval_s: float = 1.0,
         health_failures: int = 2,
         connect_timeout_s: float = 5.0,
+        progress_timeout_s: float = 5.0,
     ) -> None:
         self.target = target
         self._on_event = on_event
@@ -67,6 +74,10 @@ class VadStreamClient:
         self._health_interval_s = health_interval_s
         self._health_failures = health_failures
         self._connect_timeout_s = connect_timeout_s
+        self._progress_timeout_s = progress_timeout_s
+        # (batch number, when it was handed to gRPC) of audio not yet
+        # acknowledged on the current connection.
+        self._unacked: deque[tuple[int, float]] = deque()
         # Unbounded as a container; opens and frames respect ``max_backlog``
         # (``has_room``) while closes always go, so cleanup never fails.
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
@@ -113,6 +124,7 @@ class VadStreamClient:
             watchdog: asyncio.Task[None] | None = None
             try:
                 stub = vad_pb2_grpc.VadStub(channel)
+                self._unacked = deque()
                 call = stub.Stream(self._requests(self._queue), wait_for_ready=True)
                 await asyncio.wait_for(call.wait_for_connection(), self._connect_timeout_s)
                 self.connected.set()
@@ -120,6 +132,7 @@ class VadStreamClient:
                 backoff = 0.1
                 watchdog = asyncio.create_task(self._watch_health(channel, call))
                 async for response in call:
+                    self._acknowledge(response.acked_batch)
                     for event in response.events:
                         self._dispatch(event)
                 log.warning("VAD stream to %s ended by the server", self.target)
@@ -153,15 +166,19 @@ class VadStreamClient:
     async def _watch_health(
         self, channel: grpc.aio.Channel, call: grpc.aio.StreamStreamCall
     ) -> None:
-        """Cancel the call once the replica misses ``health_failures`` checks in a row.
+        """Cancel the call once the replica misses ``health_failures`` checks in a
+        row, or leaves audio unacknowledged for ``progress_timeout_s``.
 
         A frozen replica keeps its socket open and sends nothing: without this
         the stream would look healthy until keepalive or TCP gives up.
         """
         stub = health_pb2_grpc.HealthStub(channel)
         misses = 0
-        while misses < self._health_failures:
+        while True:
             await asyncio.sleep(self._health_interval_s)
+            if self._unacked and time.monotonic() - self._unacked[0][1] > self._progress_timeout_s:
+                sign = "progress"
+                break
             try:
                 reply = await stub.Check(
                     health_pb2.HealthCheckRequest(), timeout=self._health_interval_s
@@ -170,8 +187,16 @@ class VadStreamClient:
             except grpc.aio.AioRpcError:
                 serving = False
             misses = 0 if serving else misses + 1
-        VAD_STALLS.inc()
+            if misses >= self._health_failures:
+                sign = "health"
+                break
+        log.warning("VAD replica %s stalled (%s)", self.target, sign)
+        VAD_STALLS.labels(sign).inc()
         call.cancel()
+
+    def _acknowledge(self, batch: int) -> None:
+        while self._unacked and self._unacked[0][0] <= batch:
+            self._unacked.popleft()
 
     def _report_lost(self) -> None:
         try:
@@ -196,6 +221,7 @@ class VadStreamClient:
     async def _requests(
         self, queue: asyncio.Queue[_Op | None]
     ) -> AsyncIterator[vad_pb2.VadRequest]:
+        numbers = itertools.count(1)
         while True:
             first = await queue.get()
             if first is _RETIRED:
@@ -207,7 +233,11 @@ class VadStreamClient:
                     return
                 ops.append(op)
             self._backlog.set(queue.qsize())
-            yield _pack(ops)
+            request = _pack(ops)
+            request.batch = next(numbers)
+            if request.frames:
+                self._unacked.append((request.batch, time.monotonic()))
+            yield request
 
 
 def _pack(ops: list[_Op]) -> vad_pb2.VadRequest:

@@ -81,8 +81,10 @@ class VadRouter:
         on_lost: LostHandler,
         refresh_s: float = 15.0,
         max_backlog: int = 20_000,
+        progress_timeout_s: float = 5.0,
     ) -> None:
         self._on_event = on_event
+        self._progress_timeout_s = progress_timeout_s
         self._on_lost = on_lost
         self._refresh_s = refresh_s
         self._max_backlog = max_backlog
@@ -98,7 +100,11 @@ class VadRouter:
 
     def _add(self, address: str) -> None:
         self.clients[address] = VadStreamClient(
-            address, self._on_event, self._on_lost, max_backlog=self._max_backlog
+            address,
+            self._on_event,
+            self._on_lost,
+            max_backlog=self._max_backlog,
+            progress_timeout_s=self._progress_timeout_s,
         )
 
     def start(self) -> None:

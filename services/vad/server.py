@@ -58,10 +58,10 @@ class VadServicer(vad_pb2_grpc.VadServicer):
                 if getter not in done:
                     getter.cancel()
                     continue
-                events = [getter.result()]
-                while not outbox.empty() and len(events) < 1024:
-                    events.append(outbox.get_nowait())
-                yield vad_pb2.VadResponse(events=events)
+                items = [getter.result()]
+                while not outbox.empty() and len(items) < 1024:
+                    items.append(outbox.get_nowait())
+                yield _response(items)
             if reader.exception() is not None:
                 log.warning("VAD connection %d failed: %s", conn, reader.exception())
         finally:
@@ -72,12 +72,23 @@ class VadServicer(vad_pb2_grpc.VadServicer):
         self, conn: int, outbox: Outbox, requests: AsyncIterator[vad_pb2.VadRequest]
     ) -> None:
         async for request in requests:
+            self._table.note_batch(conn, outbox, request.batch)
             for opened in request.opens:
                 self._table.open(conn, outbox, opened)
             for frame in request.frames:
                 self._table.feed(conn, outbox, frame)
             for closed in request.closes:
                 self._table.close(conn, closed)
+
+
+def _response(items: list[vad_pb2.SpeechEvent | int]) -> vad_pb2.VadResponse:
+    response = vad_pb2.VadResponse()
+    for item in items:
+        if isinstance(item, int):
+            response.acked_batch = max(response.acked_batch, item)
+        else:
+            response.events.append(item)
+    return response
 
 
 def main() -> None:

@@ -45,7 +45,8 @@ TICK_LAG = Gauge(
     "speechfront_vad_tick_lag_seconds", "How late the last tick started against its schedule."
 )
 
-Outbox = asyncio.Queue[vad_pb2.SpeechEvent]
+# Events for one connection, and (as ints) the request batches acknowledged.
+Outbox = asyncio.Queue[vad_pb2.SpeechEvent | int]
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,10 @@ class StreamTable:
         # Opens and closes not yet applied to the engine, in request order.
         self._changes: list[_Change] = []
         self._told: set[tuple[int, str]] = set()
+        # Per connection: its outbox and the last request batch read, and the
+        # last batch acknowledged (once a tick has completed after reading it).
+        self._received: dict[int, tuple[Outbox, int]] = {}
+        self._acked: dict[int, int] = {}
         self._ticker: asyncio.Task[None] | None = None
         # Held from collecting a tick's work until its events are routed.
         self._ticking = asyncio.Lock()
@@ -180,9 +185,16 @@ class StreamTable:
         else:
             self._forget(stream.key)
 
+    def note_batch(self, conn: int, outbox: Outbox, batch: int) -> None:
+        """A request numbered ``batch`` was read; acknowledged after the next tick."""
+        if batch:
+            self._received[conn] = (outbox, batch)
+
     def drop_connection(self, conn: int) -> None:
         for key in [k for k in self._streams if k[0] == conn]:
             self._forget(key)
+        self._received.pop(conn, None)
+        self._acked.pop(conn, None)
         self._told = {k for k in self._told if k[0] != conn}
 
     def start(self) -> None:
@@ -214,6 +226,14 @@ class StreamTable:
             await self._tick()
 
     async def _tick(self) -> None:
+        received = dict(self._received)
+        await self._step()
+        for conn, (outbox, batch) in received.items():
+            if conn in self._received and batch > self._acked.get(conn, 0):
+                self._acked[conn] = batch
+                self._send(outbox, batch)
+
+    async def _step(self) -> None:
         chunks: dict[str, np.ndarray] = {}
         final: list[str] = []
         stepped: dict[str, _Stream] = {}
@@ -303,7 +323,7 @@ class StreamTable:
         )
 
     @staticmethod
-    def _send(outbox: Outbox, event: vad_pb2.SpeechEvent) -> None:
+    def _send(outbox: Outbox, event: vad_pb2.SpeechEvent | int) -> None:
         try:
             outbox.put_nowait(event)
         except asyncio.QueueFull:
