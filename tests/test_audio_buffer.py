@@ -54,3 +54,24 @@ def test_slice_outside_held_audio_is_empty() -> None:
     buffer = UtteranceBuffer(10)
     buffer.append(pcm(0, 10))
     assert buffer.slice(20, 30) == b""
+
+
+def test_storage_grows_with_the_audio_held_not_with_the_limit() -> None:
+    buffer = UtteranceBuffer(32 * 16_000)
+    buffer.append(pcm(0, 960))
+    assert buffer.capacity == 16_000
+    for start in range(960, 5 * 16_000, 960):
+        buffer.append(pcm(start % 30_000, 960))
+    assert 5 * 16_000 <= buffer.capacity <= 8 * 16_000
+
+
+def test_storage_is_given_back_once_a_long_utterance_is_discarded() -> None:
+    buffer = UtteranceBuffer(32 * 16_000)
+    for start in range(0, 10 * 16_000, 1600):
+        buffer.append(pcm(start % 30_000, 1600))
+    assert buffer.capacity >= 10 * 16_000
+    buffer.discard_before(buffer.end - 100)
+    assert buffer.capacity == 16_000
+    assert values(buffer.slice(buffer.end - 100, buffer.end)) == values(
+        pcm((10 * 16_000 - 100) % 30_000, 100)
+    )

@@ -203,3 +203,32 @@ async def test_closing_never_raises_even_with_a_full_backlog(flush: bool) -> Non
     else:
         s.vad.close()
     assert isinstance(deliver(client)[-1], vad_pb2.StreamClose)
+
+
+async def test_a_silent_listening_session_keeps_only_a_few_seconds_of_audio() -> None:
+    r, directory = router(), Directory()
+    s = Session("quiet", r, directory)
+    s.vad.start()
+    for _ in range(20):
+        s.audio(50)  # 60 s in all
+        deliver(replica_of(s))
+        s.cutter.buffer.discard_before(s.vad.oldest_needed())
+    assert s.cutter.end - s.cutter.buffer.start <= 4 * SAMPLE_RATE
+    assert s.cutter.buffer.capacity <= 8 * SAMPLE_RATE
+
+
+async def test_audio_since_a_reported_speech_start_is_kept() -> None:
+    r, directory = router(), Directory()
+    s = Session("talking", r, directory)
+    s.vad.start()
+    stream_id = s.vad._current.stream_id  # type: ignore[union-attr]
+    s.audio(10)
+    directory.send(
+        vad_pb2.SpeechEvent(
+            stream_id=stream_id, kind=vad_pb2.SpeechEvent.SPEECH_START, offset_ms=100
+        )
+    )
+    s.audio(200)  # 12 s of speech
+    deliver(replica_of(s))
+    s.cutter.buffer.discard_before(s.vad.oldest_needed())
+    assert s.cutter.buffer.start == SAMPLE_RATE // 10

@@ -19,6 +19,7 @@ import time
 import uuid
 from typing import Any
 
+from services.common.audio import SAMPLE_RATE
 from services.gateway import metrics
 from services.gateway.context import GatewayContext
 from services.gateway.delivery import DeliveryQueue
@@ -32,6 +33,9 @@ from services.gateway.vad_client import VadStreamClient
 from services.protos import vad_pb2
 
 log = logging.getLogger(__name__)
+
+# A listening session's buffer is trimmed once it holds this much.
+TRIM_AFTER = 8 * SAMPLE_RATE
 
 
 class DeviceSession:
@@ -134,6 +138,9 @@ class DeviceSession:
                 self._finish_utterance(start, self._cutter.end, "max_length")
         else:
             self.vad.feed(pcm)
+            if self._cutter.end - self._cutter.buffer.start > TRIM_AFTER:
+                # Silence nobody can ask for any more: memory follows speech.
+                self._cutter.buffer.discard_before(self.vad.oldest_needed())
 
     def on_vad_event(self, event: vad_pb2.SpeechEvent) -> None:
         self.vad.on_event(event)

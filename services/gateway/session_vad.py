@@ -132,6 +132,17 @@ class SessionVad:
             stream.client.close(stream.stream_id, flush=False)
             self._forget(stream)
 
+    def oldest_needed(self) -> int:
+        """The oldest sample a stream may still ask for: a speech start the VAD
+        reported or may yet report (it looks back), or a replay's origin."""
+        oldest = self._cutter.end - 2 * PRE_ROLL
+        for stream in self._streams.values():
+            if stream.speech_start is not None:
+                oldest = min(oldest, stream.speech_start)
+        if self._want is not None:
+            oldest = min(oldest, self._want.replay_from)
+        return oldest
+
     # -- audio -----------------------------------------------------------
 
     def feed(self, pcm: bytes) -> None:
