@@ -1,8 +1,16 @@
-"""Client channels to the compute services, balanced across replicas.
+"""Client channels to the gRPC services.
 
 A target may list several replicas (``ipv4:127.0.0.1:5001,127.0.0.1:5002``)
 or name a headless Service (``dns:///asr.speech.svc.cluster.local:50052``);
-either way the channel balances calls round-robin over every address.
+either way the channel balances calls round-robin over every address. The
+gateway's compute pool (``services/gateway/replicas.py``) opens one such
+channel per replica instead, so it can see and route around each one.
+
+Keepalive: a peer that stops answering without closing its connection (a
+stopped process, a partition) is found within ``KEEPALIVE_TIME_MS +
+KEEPALIVE_TIMEOUT_MS``, on idle connections too. The servers' side of this
+agreement is in ``grpc_service.server_options``: they must accept a ping this
+often, or they answer GOAWAY ``too_many_pings``.
 """
 
 from __future__ import annotations
@@ -14,6 +22,26 @@ import grpc
 from services.common.grpc_service import MAX_MESSAGE_BYTES
 
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+KEEPALIVE_TIME_MS = 5_000
+KEEPALIVE_TIMEOUT_MS = 4_000
+
+
+def keepalive_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # Ping idle connections too: a replica that hung between calls is
+        # found before the next call waits on it.
+        ("grpc.keepalive_permit_without_calls", 1),
+        # By default a client stops pinging after two pings with no data sent.
+        ("grpc.http2.max_pings_without_data", 0),
+        # Any ping (flow-control pings sent along with a request, too) that
+        # goes unanswered this long closes the connection. A call's own ping
+        # blocks the keepalive ping, so without this a call on a stopped peer
+        # waits out the default 60 s ping timeout instead of the keepalive's.
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ]
 
 
 def normalise_target(target: str) -> str:
@@ -32,7 +60,7 @@ def open_channel(target: str) -> grpc.aio.Channel:
             ("grpc.service_config", _SERVICE_CONFIG),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_time_ms", 30_000),
+            *keepalive_options(),
             ("grpc.enable_retries", 1),
             # A restarted or newly started replica is picked up within seconds
             # (the default backoff grows to two minutes).

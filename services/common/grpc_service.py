@@ -16,6 +16,9 @@ from services.common.settings import ServiceSettings
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The shortest interval between a client's pings that servers accept; the
+# clients' keepalive time must not be shorter.
+MIN_CLIENT_PING_INTERVAL_MS = 4_000
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
@@ -24,8 +27,17 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
         ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+        # The server's own pings find clients that went away silently.
         ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        # Accept the clients' keepalive pings (services/common/grpc_client.py:
+        # every 5 s, idle connections included). By default a server allows
+        # one ping per 5 minutes on a connection with calls and one per 2 hours
+        # on an idle one, and answers the third early ping with GOAWAY
+        # too_many_pings; 0 strikes never sends a client away for pinging.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
 
 

@@ -1,35 +1,27 @@
-"""Calls to the stateless compute services (asr, speaker): deadlines and one retry.
+"""Calls to the stateless compute services (asr, speaker): deadlines, hedges and retries.
 
-Each target may list several replicas; the channel balances calls round-robin
-over them. A call that fails because its replica went away (UNAVAILABLE, or a
-connection dropped mid-call) is retried once within the same overall
-deadline; the balancer has by then marked the lost replica down, so the retry
-lands on another one.
+Each target may list several replicas or name a headless Service; a
+``ReplicaPool`` per service holds one channel per replica, keeps the ones
+that stall or fail out of rotation until their health check answers again,
+hedges an attempt that goes unanswered past its budget on another replica,
+and retries one whose replica failed on another, all within the caller's
+deadline (see ``services/gateway/replicas.py``).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
-import grpc
 import numpy as np
-from prometheus_client import Counter
 
 from services.common.audio import SAMPLE_RATE
-from services.common.grpc_client import open_channel
+from services.gateway.replicas import HEDGES, RETRIES, PoolOptions, ReplicaPool
 from services.protos import asr_pb2, asr_pb2_grpc, speaker_pb2, speaker_pb2_grpc
 
-RETRIES = Counter(
-    "speechfront_gateway_compute_retries_total",
-    "Compute calls retried on another replica after a replica failure, by service.",
-    ["service"],
-)
+__all__ = ["HEDGES", "RETRIES", "ComputeClients", "Embedding", "PoolOptions"]
 
-T = TypeVar("T")
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+_ASR_HEALTH = asr_pb2.DESCRIPTOR.services_by_name["Asr"].full_name
+_SPEAKER_HEALTH = speaker_pb2.DESCRIPTOR.services_by_name["Speaker"].full_name
 
 
 @dataclass(frozen=True)
@@ -38,29 +30,27 @@ class Embedding:
     vector: np.ndarray
 
 
-async def with_one_retry(service: str, timeout: float, call: Callable[[float], Awaitable[T]]) -> T:
-    """Run ``call(remaining_timeout)``; once more if its replica failed and time is left."""
-    deadline = time.monotonic() + timeout
-    try:
-        return await call(timeout)
-    except grpc.aio.AioRpcError as exc:
-        remaining = deadline - time.monotonic()
-        if exc.code() not in _RETRYABLE or remaining <= 0.05:
-            raise
-        RETRIES.labels(service).inc()
-        return await call(remaining)
+def _audio_seconds(pcm: bytes) -> float:
+    return len(pcm) / (2 * SAMPLE_RATE)
 
 
 class ComputeClients:
-    def __init__(self, asr_target: str, speaker_target: str) -> None:
-        self._asr_channel = open_channel(asr_target)
-        self._speaker_channel = open_channel(speaker_target)
-        self._asr = asr_pb2_grpc.AsrStub(self._asr_channel)
-        self._speaker = speaker_pb2_grpc.SpeakerStub(self._speaker_channel)
+    def __init__(
+        self, asr_target: str, speaker_target: str, options: PoolOptions | None = None
+    ) -> None:
+        self.asr_pool = ReplicaPool("asr", asr_target, asr_pb2_grpc.AsrStub, _ASR_HEALTH, options)
+        self.speaker_pool = ReplicaPool(
+            "speaker", speaker_target, speaker_pb2_grpc.SpeakerStub, _SPEAKER_HEALTH, options
+        )
+
+    def start(self) -> None:
+        """Start health probing now (otherwise each pool starts on its first call)."""
+        self.asr_pool.start()
+        self.speaker_pool.start()
 
     async def close(self) -> None:
-        await self._asr_channel.close()
-        await self._speaker_channel.close()
+        await self.asr_pool.close()
+        await self.speaker_pool.close()
 
     async def recognize(
         self, pcm: bytes, language: str, use_itn: bool, request_id: str, timeout: float
@@ -73,22 +63,26 @@ class ComputeClients:
             request_id=request_id,
         )
 
-        async def call(remaining: float) -> asr_pb2.RecognizeResponse:
-            response: asr_pb2.RecognizeResponse = await self._asr.Recognize(
-                request, timeout=remaining, wait_for_ready=True
+        async def call(
+            stub: asr_pb2_grpc.AsrStub, remaining: float, wait_for_ready: bool
+        ) -> asr_pb2.RecognizeResponse:
+            response: asr_pb2.RecognizeResponse = await stub.Recognize(
+                request, timeout=remaining, wait_for_ready=wait_for_ready
             )
             return response
 
-        return await with_one_retry("asr", timeout, call)
+        return await self.asr_pool.call(call, timeout, _audio_seconds(pcm))
 
     async def embed(self, pcm: bytes, request_id: str, timeout: float) -> Embedding:
         request = speaker_pb2.EmbedRequest(pcm=pcm, sample_rate=SAMPLE_RATE, request_id=request_id)
 
-        async def call(remaining: float) -> speaker_pb2.EmbedResponse:
-            response: speaker_pb2.EmbedResponse = await self._speaker.Embed(
-                request, timeout=remaining, wait_for_ready=True
+        async def call(
+            stub: speaker_pb2_grpc.SpeakerStub, remaining: float, wait_for_ready: bool
+        ) -> speaker_pb2.EmbedResponse:
+            response: speaker_pb2.EmbedResponse = await stub.Embed(
+                request, timeout=remaining, wait_for_ready=wait_for_ready
             )
             return response
 
-        response = await with_one_retry("speaker", timeout, call)
+        response = await self.speaker_pool.call(call, timeout, _audio_seconds(pcm))
         return Embedding(response.model, np.asarray(response.embedding, dtype=np.float32))
