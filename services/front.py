@@ -36,8 +36,12 @@ class Front:
         self._turn = itertools.cycle(range(len(backends)))
 
     async def handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        for _ in range(len(self._backends)):
-            host, port = self._backends[next(self._turn)]
+        # Each connection tries every gateway once, from its own turn on: the
+        # shared turn moves on while it waits, and would send it to a dead
+        # gateway twice when several devices reconnect at once.
+        first = next(self._turn)
+        for i in range(len(self._backends)):
+            host, port = self._backends[(first + i) % len(self._backends)]
             try:
                 backend_r, backend_w = await asyncio.wait_for(
                     asyncio.open_connection(host, port), 2.0
@@ -50,9 +54,9 @@ class Front:
         client_w.close()
 
 
-async def serve(port: int, backends: list[tuple[str, int]]) -> None:
+async def serve(port: int, backends: list[tuple[str, int]], host: str = "127.0.0.1") -> None:
     front = Front(backends)
-    server = await asyncio.start_server(front.handle, "127.0.0.1", port)
+    server = await asyncio.start_server(front.handle, host, port)
     async with server:
         await server.serve_forever()
 
@@ -60,11 +64,12 @@ async def serve(port: int, backends: list[tuple[str, int]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--backends", required=True, help="host:port,host:port")
     args = parser.parse_args()
     backends = [(b.rsplit(":", 1)[0], int(b.rsplit(":", 1)[1])) for b in args.backends.split(",")]
     logging.basicConfig(level="INFO")
-    asyncio.run(serve(args.listen, backends))
+    asyncio.run(serve(args.listen, backends, args.host))
 
 
 if __name__ == "__main__":
