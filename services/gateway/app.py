@@ -59,6 +59,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         store.start()
         hub.start()
         vad.start()
+        compute.start()
         if settings.allow_anonymous:
             log.warning("open mode: devices are accepted without a valid token")
         try:

@@ -104,6 +104,16 @@ class SessionVad:
         return self._current is not None or self._want is not None
 
     @property
+    def in_speech(self) -> bool:
+        """The open stream has reported a speech start and no end yet."""
+        return self._current is not None and self._current.speech_start is not None
+
+    @property
+    def replica(self) -> VadStreamClient | None:
+        """Where the open stream is, if one is."""
+        return None if self._current is None else self._current.client
+
+    @property
     def busy(self) -> bool:
         """Some stream has not confirmed its close yet."""
         return bool(self._streams)

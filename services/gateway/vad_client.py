@@ -78,6 +78,7 @@ class VadStreamClient:
         # (batch number, when it was handed to gRPC) of audio not yet
         # acknowledged on the current connection.
         self._unacked: deque[tuple[int, float]] = deque()
+        self._last_ack = 0.0
         # Unbounded as a container; opens and frames respect ``max_backlog``
         # (``has_room``) while closes always go, so cleanup never fails.
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
@@ -125,6 +126,7 @@ class VadStreamClient:
             try:
                 stub = vad_pb2_grpc.VadStub(channel)
                 self._unacked = deque()
+                self._last_ack = time.monotonic()
                 call = stub.Stream(self._requests(self._queue), wait_for_ready=True)
                 await asyncio.wait_for(call.wait_for_connection(), self._connect_timeout_s)
                 self.connected.set()
@@ -176,7 +178,7 @@ class VadStreamClient:
         misses = 0
         while True:
             await asyncio.sleep(self._health_interval_s)
-            if self._unacked and time.monotonic() - self._unacked[0][1] > self._progress_timeout_s:
+            if self._stalled(time.monotonic()):
                 sign = "progress"
                 break
             try:
@@ -194,7 +196,20 @@ class VadStreamClient:
         VAD_STALLS.labels(sign).inc()
         call.cancel()
 
+    def _stalled(self, now: float) -> bool:
+        """Audio has waited ``progress_timeout_s`` and no acknowledgement came meanwhile.
+
+        A replica that is slow (long ticks under load) still acknowledges
+        something every tick; only one that makes no progress at all is cut.
+        """
+        if not self._unacked:
+            return False
+        waiting_since = max(self._unacked[0][1], self._last_ack)
+        return now - waiting_since > self._progress_timeout_s
+
     def _acknowledge(self, batch: int) -> None:
+        if self._unacked and self._unacked[0][0] <= batch:
+            self._last_ack = time.monotonic()
         while self._unacked and self._unacked[0][0] <= batch:
             self._unacked.popleft()
 
