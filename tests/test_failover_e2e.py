@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -147,10 +149,15 @@ async def test_compute_and_vad_replica_losses_lose_no_utterance(replicated: Loca
             for i, d in enumerate(devices)
         )
     )
+    retries = gateway_counter(replicated, "speechfront_gateway_compute_retries_total")
+    replays = gateway_counter(replicated, "speechfront_gateway_vad_replays_total")
     for victim in ("asr-1", "speaker-1", "vad-1"):
         await asyncio.sleep(3.0)  # let utterances be in flight on every replica
         replicated.kill(victim)
     results = await talk
+    # The premise: calls really were retried and sessions really moved.
+    assert gateway_counter(replicated, "speechfront_gateway_compute_retries_total") > retries
+    assert gateway_counter(replicated, "speechfront_gateway_vad_replays_total") > replays
     for device_results, sentences in zip(results, spoken, strict=True):
         assert len(device_results) == 3
         for result, sentence in zip(device_results, sentences, strict=True):
@@ -163,6 +170,163 @@ async def test_compute_and_vad_replica_losses_lose_no_utterance(replicated: Loca
         await asyncio.to_thread(replicated.respawn, victim)
 
 
+def gateway_counter(cluster: LocalCluster, name: str) -> float:
+    """A gateway metric summed over every live gateway replica and label set."""
+    total = 0.0
+    for replica in cluster.replicas["gateway"]:
+        if cluster.processes[replica.name].process.poll() is not None:
+            continue
+        text = httpx.get(f"http://127.0.0.1:{replica.port}/metrics", timeout=5).text
+        pattern = rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$"
+        total += sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
+    return total
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+async def talk_while_frozen(
+    cluster: LocalCluster, prefix: str, victims: list[str], count: int = 30
+) -> tuple[list[SimulatedDevice], list[list[SttResult]], float]:
+    """``count`` devices say 3 sentences each; the victims are SIGSTOPped mid-speech.
+
+    The victims stay frozen until every device has its results (a hung pod is
+    not restarted by anyone here), then they are thawed.
+    """
+    ids = [f"{prefix}-{i}" for i in range(count)]
+    if any(v.startswith("speaker") for v in victims):
+        await asyncio.to_thread(enrol, cluster, ids)
+    devices = [device(cluster, device_id) for device_id in ids]
+    await asyncio.gather(*(d.connect() for d in devices))
+    talk = asyncio.gather(
+        *(
+            d.speak_auto([clip(i), clip(i + 1), clip(i + 2)], gap_s=1.5, timeout=60)
+            for i, d in enumerate(devices)
+        )
+    )
+    await asyncio.sleep(3.0)  # utterances in flight on every replica
+    frozen_at = time.monotonic()
+    pids = [cluster.processes[v].process.pid for v in victims]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        results = await talk
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    return devices, results, frozen_at
+
+
+def assert_each_sentence_once(
+    devices: list[SimulatedDevice], results: list[list[SttResult]], store: redis.Redis
+) -> None:
+    for i, device_results in enumerate(results):
+        assert len(device_results) == 3
+        for k, result in enumerate(device_results):
+            assert_right_text(result, SENTENCES[(i + k) % len(SENTENCES)])
+    entries = cast(list[tuple[str, dict[str, str]]], store.xrange("sf:transcripts"))
+    ids = {d.config.device_id for d in devices}
+    mine = [f for _, f in entries if f["device_id"] in ids]
+    assert len(mine) == len({f["utterance_id"] for f in mine}) == 3 * len(devices)
+
+
+def in_flight_latencies(results: list[list[SttResult]], frozen_at: float) -> list[float]:
+    """User-perceived latency of the utterances answered after the freeze began."""
+    return [
+        r.latency_s
+        for rs in results
+        for r in rs
+        if r.latency_s is not None and r.received_at >= frozen_at
+    ]
+
+
+async def test_frozen_asr_and_vad_replicas_cost_a_retry_not_an_utterance(
+    replicated: LocalCluster, store: redis.Redis
+) -> None:
+    before = {
+        "hedges": gateway_counter(replicated, "speechfront_gateway_compute_hedges_total"),
+        "stalls": gateway_counter(replicated, "speechfront_gateway_vad_stalls_total"),
+        "replays": gateway_counter(replicated, "speechfront_gateway_vad_replays_total"),
+    }
+    devices, results, frozen_at = await talk_while_frozen(replicated, "freeze", ["asr-1", "vad-1"])
+    assert_each_sentence_once(devices, results, store)
+    latencies = in_flight_latencies(results, frozen_at)
+    print(
+        f"\nasr-1 + vad-1 frozen: {len(latencies)} utterances after the freeze, latency "
+        f"p50 {percentile(latencies, 50):.2f} s p95 {percentile(latencies, 95):.2f} s"
+    )
+    for name, value in before.items():
+        metric = {
+            "hedges": "speechfront_gateway_compute_hedges_total",
+            "stalls": "speechfront_gateway_vad_stalls_total",
+            "replays": "speechfront_gateway_vad_replays_total",
+        }[name]
+        assert gateway_counter(replicated, metric) > value, f"no {name}: the freeze was not felt"
+    for d in devices:
+        await d.close()
+
+
+async def test_a_frozen_speaker_replica_costs_a_retry_not_an_utterance(
+    replicated: LocalCluster, store: redis.Redis
+) -> None:
+    hedges = gateway_counter(replicated, "speechfront_gateway_compute_hedges_total")
+    devices, results, frozen_at = await talk_while_frozen(replicated, "freeze-spk", ["speaker-1"])
+    assert_each_sentence_once(devices, results, store)
+    latencies = in_flight_latencies(results, frozen_at)
+    print(
+        f"\nspeaker-1 frozen: {len(latencies)} utterances after the freeze, latency "
+        f"p50 {percentile(latencies, 50):.2f} s p95 {percentile(latencies, 95):.2f} s"
+    )
+    assert gateway_counter(replicated, "speechfront_gateway_compute_hedges_total") > hedges
+    for d in devices:
+        await d.close()
+
+
+async def test_devices_of_a_frozen_gateway_reconnect_elsewhere_and_lose_no_sentence(
+    replicated: LocalCluster, store: redis.Redis
+) -> None:
+    talks = asyncio.gather(
+        *(talk_through_gateway_loss(replicated, f"gw-freeze-{i}", [i, i + 1, i + 2], timeout=10)
+          for i in range(8))
+    )  # fmt: skip
+    await asyncio.sleep(4.0)
+    victim = replicated.processes["gateway-1"].process
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        outcomes = await talks
+    finally:
+        # A pod that stops answering its liveness probe is killed and replaced.
+        replicated.kill("gateway-1")
+    assert all(len(results) == 3 for results, _ in outcomes), outcomes
+    assert sum(reconnects for _, reconnects in outcomes) >= 1
+    for i, (results, _) in enumerate(outcomes):
+        for k, result in enumerate(results):
+            assert_right_text(result, SENTENCES[(i + k) % len(SENTENCES)])
+    await asyncio.to_thread(replicated.respawn, "gateway-1")
+    await until_the_front_uses(replicated, store, "gateway-1")
+
+
+async def until_the_front_uses(cluster: LocalCluster, store: redis.Redis, gateway: str) -> None:
+    """Connect through the front until a device lands on ``gateway`` (its readiness
+    probe has to see a restarted gateway before it sends devices there)."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        probe = device(cluster, "front-probe")
+        await probe.connect()
+        key = f"sf:session:{probe.session_id}"
+        for _ in range(50):
+            if store.hget(key, "gateway_id") is not None:
+                break
+            await asyncio.sleep(0.05)
+        landed = store.hget(key, "gateway_id")
+        await probe.close()
+        if landed == gateway:
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"the front sent no device to {gateway} within 15 s")
+
+
 def _drain(d: SimulatedDevice) -> list[dict[str, object]]:
     items = []
     while not d.messages.empty():
@@ -171,7 +335,7 @@ def _drain(d: SimulatedDevice) -> list[dict[str, object]]:
 
 
 async def talk_through_gateway_loss(
-    cluster: LocalCluster, device_id: str, sentences: list[int]
+    cluster: LocalCluster, device_id: str, sentences: list[int], timeout: float = 20
 ) -> tuple[list[SttResult], int]:
     """Speak each sentence; on a dropped connection reconnect (via the front) and go on."""
     results: list[SttResult] = []
@@ -181,7 +345,7 @@ async def talk_through_gateway_loss(
         try:
             await d.connect()
             while pending:
-                [result] = await d.speak_auto([clip(pending[0])], timeout=20)
+                [result] = await d.speak_auto([clip(pending[0])], timeout=timeout)
                 results.append(result)
                 pending.pop(0)
         except Exception:

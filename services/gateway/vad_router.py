@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import socket
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
@@ -28,6 +27,7 @@ from typing import Protocol
 from prometheus_client import Gauge
 
 from services.common.tasks import cancel_and_wait
+from services.gateway.replicas import parse_target, resolve
 from services.gateway.vad_client import EventHandler, VadStreamClient
 
 log = logging.getLogger(__name__)
@@ -58,19 +58,6 @@ class StreamOpener(Protocol):
 def _score(session_id: str, address: str) -> int:
     digest = hashlib.blake2b(f"{session_id}|{address}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
-
-
-def parse_target(target: str) -> tuple[list[str], str | None]:
-    """Static addresses, or the DNS name and port to resolve."""
-    if target.startswith("dns:///"):
-        return [], target.removeprefix("dns:///")
-    return [a.strip() for a in target.removeprefix("ipv4:").split(",") if a.strip()], None
-
-
-def resolve(name_port: str) -> list[str]:
-    host, port = name_port.rsplit(":", 1)
-    infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    return sorted({f"{info[4][0]}:{port}" for info in infos})
 
 
 class VadRouter:
