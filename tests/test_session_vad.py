@@ -232,3 +232,34 @@ async def test_audio_since_a_reported_speech_start_is_kept() -> None:
     deliver(replica_of(s))
     s.cutter.buffer.discard_before(s.vad.oldest_needed())
     assert s.cutter.buffer.start == SAMPLE_RATE // 10
+
+
+async def test_a_replay_lost_before_its_replica_confirmed_speech_replays_from_the_same_start() -> (
+    None
+):
+    r, directory = router(), Directory()
+    s = Session("twice", r, directory)
+    s.vad.start()
+    s.audio(60)
+    first = replica_of(s)
+    directory.send(
+        vad_pb2.SpeechEvent(
+            stream_id=s.vad._current.stream_id,  # type: ignore[union-attr]
+            kind=vad_pb2.SpeechEvent.SPEECH_START,
+            offset_ms=3000,
+        )
+    )
+    first.connected.clear()
+    s.vad.on_lost(first)
+    assert r.open_pass()
+    second = replica_of(s)
+    s.audio(20)  # the second replica has not reported the start yet when it is lost too
+    first.connected.set()
+    second.connected.clear()
+    s.vad.on_lost(second)
+    for client in r.clients.values():
+        deliver(client)
+    assert r.open_pass()
+    opened = deliver(replica_of(s))[0]
+    assert isinstance(opened, vad_pb2.StreamOpen)
+    assert opened.start_sample == 3 * SAMPLE_RATE

@@ -44,7 +44,7 @@ class GatewaySettings(BaseSettings):
     )
     max_inflight_utterances: int = Field(4, ge=1, description="Per session, awaiting results.")
     vad_progress_timeout_s: float = Field(
-        5.0,
+        10.0,
         gt=0,
         description="A VAD replica that leaves audio unacknowledged this long is treated as lost.",
     )

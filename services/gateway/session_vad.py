@@ -58,6 +58,9 @@ class _Stream:
     client: VadStreamClient
     speech_start: int | None = None
     stopped_at: int | None = None
+    # Speech a lost stream had begun, replayed here but not yet confirmed by
+    # this stream's VAD: if this one is lost too, the next replay still starts there.
+    carried_start: int | None = None
 
 
 @dataclass
@@ -147,8 +150,9 @@ class SessionVad:
         reported or may yet report (it looks back), or a replay's origin."""
         oldest = self._cutter.end - 2 * PRE_ROLL
         for stream in self._streams.values():
-            if stream.speech_start is not None:
-                oldest = min(oldest, stream.speech_start)
+            for start in (stream.speech_start, stream.carried_start):
+                if start is not None:
+                    oldest = min(oldest, start)
         if self._want is not None:
             oldest = min(oldest, self._want.replay_from)
         return oldest
@@ -186,8 +190,10 @@ class SessionVad:
         kind = event.kind
         if kind == vad_pb2.SpeechEvent.SPEECH_START:
             stream.speech_start = ms_to_samples(event.offset_ms)
+            stream.carried_start = None
         elif kind == vad_pb2.SpeechEvent.SPEECH_END:
             start, stream.speech_start = stream.speech_start, None
+            stream.carried_start = None
             if start is not None:
                 self._on_speech(start, ms_to_samples(event.offset_ms), "vad")
         elif kind == vad_pb2.SpeechEvent.STREAM_CLOSED:
@@ -212,14 +218,16 @@ class SessionVad:
 
     def _end_stopped(self, stream: _Stream) -> None:
         """A stopped period whose end never came: its speech ended at the stop."""
-        if stream.speech_start is not None:
+        start = stream.speech_start if stream.speech_start is not None else stream.carried_start
+        if start is not None:
             end = stream.stopped_at if stream.stopped_at is not None else self._cutter.end
-            self._on_speech(stream.speech_start, end, "vad_lost")
+            self._on_speech(start, end, "vad_lost")
         self._forget(stream)
 
     def _resume_point(self, stream: _Stream) -> _Want:
-        if stream.speech_start is not None:
-            return _Want(stream.speech_start, stream.client, stream.speech_start)
+        start = stream.speech_start if stream.speech_start is not None else stream.carried_start
+        if start is not None:
+            return _Want(start, stream.client, start)
         # Speech may have begun without its start reaching us yet.
         floor = max(self._cutter.replay_floor, self._cutter.end - PRE_ROLL)
         return _Want(floor, stream.client, None)
@@ -270,6 +278,7 @@ class SessionVad:
         # The replay finds the speech start again; it is not carried over, so a
         # start the new replica does not confirm cannot leave a segment open.
         stream = _Stream(f"{self._session_id}/{self._count}", client)
+        stream.carried_start = want.speech_start
         self._streams[stream.stream_id] = stream
         self._current = stream
         self._directory.bind_stream(stream.stream_id, self.on_event)

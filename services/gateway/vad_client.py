@@ -64,7 +64,7 @@ class VadStreamClient:
         health_interval_s: float = 1.0,
         health_failures: int = 2,
         connect_timeout_s: float = 5.0,
-        progress_timeout_s: float = 5.0,
+        progress_timeout_s: float = 10.0,
     ) -> None:
         self.target = target
         self._on_event = on_event

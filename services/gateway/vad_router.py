@@ -68,7 +68,7 @@ class VadRouter:
         on_lost: LostHandler,
         refresh_s: float = 15.0,
         max_backlog: int = 20_000,
-        progress_timeout_s: float = 5.0,
+        progress_timeout_s: float = 10.0,
     ) -> None:
         self._on_event = on_event
         self._progress_timeout_s = progress_timeout_s
