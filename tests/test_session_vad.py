@@ -263,3 +263,17 @@ async def test_a_replay_lost_before_its_replica_confirmed_speech_replays_from_th
     opened = deliver(replica_of(s))[0]
     assert isinstance(opened, vad_pb2.StreamOpen)
     assert opened.start_sample == 3 * SAMPLE_RATE
+
+
+async def test_sessions_avoid_a_replica_that_stalled_while_another_is_connected() -> None:
+    r, directory = router(), Directory()
+    stalled, other = r.clients.values()
+    stalled._avoid_until = float("inf")  # as after a stall, though connected again
+    sessions = [Session(f"p{i}", r, directory) for i in range(20)]
+    for s in sessions:
+        s.vad.start()
+    assert all(replica_of(s) is other for s in sessions)
+    other.connected.clear()
+    late = Session("late", r, directory)
+    late.vad.start()
+    assert replica_of(late) is stalled, "with nothing else connected it is still used"

@@ -79,6 +79,10 @@ class VadStreamClient:
         # acknowledged on the current connection.
         self._unacked: deque[tuple[int, float]] = deque()
         self._last_ack = 0.0
+        # After a stall, sessions go elsewhere for a while even once the
+        # replica reconnects: a stuck detector still accepts connections.
+        self._avoid_until = 0.0
+        self.stall_cooldown_s = 30.0
         # Unbounded as a container; opens and frames respect ``max_backlog``
         # (``has_room``) while closes always go, so cleanup never fails.
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
@@ -194,7 +198,13 @@ class VadStreamClient:
                 break
         log.warning("VAD replica %s stalled (%s)", self.target, sign)
         VAD_STALLS.labels(sign).inc()
+        self._avoid_until = time.monotonic() + self.stall_cooldown_s
         call.cancel()
+
+    @property
+    def preferred(self) -> bool:
+        """Connected, and not recently stalled."""
+        return self.connected.is_set() and time.monotonic() >= self._avoid_until
 
     def _stalled(self, now: float) -> bool:
         """Audio has waited ``progress_timeout_s`` and no acknowledgement came meanwhile.

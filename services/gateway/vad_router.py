@@ -111,14 +111,16 @@ class VadRouter:
         return any(client.connected.is_set() for client in self.clients.values())
 
     def pick(self, session_id: str, avoid: VadStreamClient | None = None) -> VadStreamClient:
-        """The session's replica: highest hash among connected ones (any, if none is)."""
+        """The session's replica: highest hash among the preferred ones (connected,
+        not recently stalled), else among connected ones, else among all."""
         if not self.clients:
             raise RuntimeError("no VAD replicas known yet")
-        candidates = [
-            (address, client)
-            for address, client in self.clients.items()
-            if client.connected.is_set() and client is not avoid
-        ] or list(self.clients.items())
+        others = [(a, c) for a, c in self.clients.items() if c is not avoid]
+        candidates = (
+            [(a, c) for a, c in others if c.preferred]
+            or [(a, c) for a, c in others if c.connected.is_set()]
+            or list(self.clients.items())
+        )
         return max(candidates, key=lambda item: _score(session_id, item[0]))[1]
 
     # -- planned opens ---------------------------------------------------
