@@ -7,7 +7,7 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 
 from services.gateway.app import create_app
 from services.gateway.config import GatewaySettings
-from services.gateway.connection import FrameRateLimiter
+from services.gateway.limits import WindowBudget
 
 
 def gateway(**overrides: object) -> TestClient:
@@ -59,7 +59,7 @@ def test_draining_gateway_refuses_new_devices_and_reports_not_ready() -> None:
 
 
 def test_frame_rate_limit_allows_a_device_pace_and_refuses_a_flood() -> None:
-    limiter = FrameRateLimiter(max_per_s=50, window_s=2.0)
-    assert all(limiter.allow() for _ in range(34))  # 2 s of 60 ms frames
-    flood = FrameRateLimiter(max_per_s=50, window_s=2.0)
-    assert not all(flood.allow() for _ in range(101))
+    limiter = WindowBudget(per_s=50, window_s=2.0)
+    assert all(limiter.spend() for _ in range(34))  # 2 s of 60 ms frames
+    flood = WindowBudget(per_s=50, window_s=2.0)
+    assert not all(flood.spend() for _ in range(101))

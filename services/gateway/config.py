@@ -6,7 +6,7 @@ import os
 import socket
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -26,8 +26,22 @@ class GatewaySettings(BaseSettings):
     asr_target: str = "127.0.0.1:50052"
     speaker_target: str = "127.0.0.1:50053"
 
-    # Device tokens accepted besides those in the Redis set sf:auth:tokens
-    # (comma-separated in the environment).
+    # Per-device tokens (services/gateway/auth.py): HMAC-SHA256 over
+    # "client_id|device_id|timestamp", as xiaozhi-esp32-server issues them.
+    auth_secret: SecretStr = Field(
+        SecretStr(""),
+        description="HMAC secret of per-device tokens (xiaozhi-esp32-server's server.auth_key).",
+    )
+    auth_token_max_age_s: int = Field(
+        30 * 24 * 3600, gt=0, description="A per-device token is valid this long after issue."
+    )
+    # Testing only: shared tokens admit any Device-Id, so identity is not verified.
+    allow_shared_tokens: bool = Field(
+        False,
+        description="Also accept auth_tokens and the Redis set sf:auth:tokens, for any device.",
+    )
+    # Shared device tokens, used only with allow_shared_tokens: accepted besides
+    # those in the Redis set sf:auth:tokens (comma-separated in the environment).
     auth_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allow_anonymous: bool = Field(
         False, description="Open mode for local use: accept devices without a valid token."
@@ -39,6 +53,29 @@ class GatewaySettings(BaseSettings):
     max_sessions: int = Field(2000, ge=1)
     max_utterance_s: float = Field(30.0, gt=0, le=120)
     max_frames_per_s: int = Field(50, ge=1, description="Audio frames per second per session.")
+    max_audio_speed: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds of audio a session may send per second (averaged over 5 s, "
+        "plus a 2 s burst); a device streams in real time (1.0).",
+    )
+    max_text_messages_per_s: float = Field(10.0, gt=0, description="Per session, over 5 s.")
+    max_text_bytes_per_s: float = Field(65536.0, gt=0, description="Per session, over 5 s.")
+    max_sessions_per_token: int = Field(
+        200, ge=1, description="Connections one credential may hold at once."
+    )
+    max_sessions_per_address: int = Field(
+        0,
+        ge=0,
+        description="Connections one client address may hold at once; 0: no cap (behind a "
+        "proxy every device has the proxy's address unless client_address_header is set).",
+    )
+    client_address_header: str = Field(
+        "", description="Header carrying the client address set by a trusted proxy."
+    )
+    idle_timeout_s: float = Field(
+        300.0, gt=0, description="Close a session that sends and receives nothing this long."
+    )
     drain_timeout_s: float = Field(
         20.0, ge=0, description="On SIGTERM: time to finish in-flight utterances."
     )

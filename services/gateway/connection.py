@@ -6,22 +6,30 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from services.common.audio import SAMPLE_RATE
 from services.gateway import metrics
+from services.gateway.auth import TokenRefused, split_token, verify_token
 from services.gateway.context import GatewayContext
 from services.gateway.device_link import DeviceLink
 from services.gateway.errors import (
+    GOING_AWAY,
     INTERNAL_ERROR,
     POLICY_VIOLATION,
     ConnectionRejected,
 )
 from services.gateway.framing import PayloadType, decode_frame, parse_protocol_version
+from services.gateway.limits import (
+    ConnectionCounts,
+    InputGuard,
+    InputLimits,
+    validate_audio_params,
+)
 from services.gateway.messages import declared_frame_duration, hello_reply, parse_message
 from services.gateway.opus import OpusStreamDecoder
 from services.gateway.session import DeviceSession, new_session_id
@@ -44,39 +52,92 @@ def read_handshake(websocket: WebSocket) -> Handshake:
     def pick(name: str) -> str:
         return (headers.get(name) or query.get(name) or "").strip()
 
+    def identity(name: str) -> str:
+        # One claim only: a header and a query parameter naming different ids are refused.
+        header, param = (headers.get(name) or "").strip(), (query.get(name) or "").strip()
+        if header and param and header != param:
+            raise ConnectionRejected(
+                POLICY_VIOLATION, f"{name} header and query parameter disagree"
+            )
+        return header or param
+
     token = pick("authorization") or pick("token")
     if token.lower().startswith("bearer "):
         token = token[7:].strip()
     return Handshake(
-        device_id=pick("device-id"),
-        client_id=pick("client-id"),
+        device_id=identity("device-id"),
+        client_id=identity("client-id"),
         token=token,
         protocol_version=parse_protocol_version(pick("protocol-version") or None),
     )
 
 
 async def authorize(ctx: GatewayContext, handshake: Handshake) -> None:
+    """Admit the device its token was issued to, and only that one.
+
+    A per-device token (``auth.py``) is checked against the Device-Id and
+    Client-Id presented, so the session's device is the one the token is bound
+    to. Shared tokens (``SF_GATEWAY_AUTH_TOKENS``, Redis ``sf:auth:tokens``)
+    admit any Device-Id and count only with ``allow_shared_tokens`` (testing).
+    """
     if not handshake.device_id:
         raise ConnectionRejected(POLICY_VIOLATION, "Device-Id header or device-id query required")
-    if ctx.settings.allow_anonymous:
+    settings = ctx.settings
+    if settings.allow_anonymous:
         return
-    if handshake.token and (
-        handshake.token in ctx.settings.auth_tokens
-        or await ctx.store.token_is_valid(handshake.token)
-    ):
-        return
-    raise ConnectionRejected(POLICY_VIOLATION, "unauthorized: missing or invalid token")
+    token = handshake.token
+    if not token:
+        raise ConnectionRejected(POLICY_VIOLATION, "unauthorized: missing token")
+    refusal = "invalid token"
+    secret = settings.auth_secret.get_secret_value()
+    if secret and split_token(token) is not None:
+        try:
+            verify_token(
+                secret,
+                token,
+                handshake.client_id,
+                handshake.device_id,
+                max_age_s=settings.auth_token_max_age_s,
+            )
+            return
+        except TokenRefused as exc:
+            refusal = exc.reason
+    if settings.allow_shared_tokens:
+        if token in settings.auth_tokens or await ctx.store.token_is_valid(token):
+            return
+    elif token in settings.auth_tokens:
+        refusal = "shared tokens are off (SF_GATEWAY_ALLOW_SHARED_TOKENS); use a device token"
+    raise ConnectionRejected(POLICY_VIOLATION, f"unauthorized: {refusal}")
 
 
-async def admit(ctx: GatewayContext, websocket: WebSocket) -> bool:
-    """Refuse the upgrade with HTTP 503 when draining or full: clients back off and retry."""
+def client_address(ctx: GatewayContext, websocket: WebSocket) -> str:
+    """The client's address: the socket peer, or what a trusted proxy says it is."""
+    header = ctx.settings.client_address_header
+    if header and (forwarded := websocket.headers.get(header)):
+        return forwarded.split(",")[0].strip()
+    return websocket.client.host if websocket.client else ""
+
+
+def credential_key(websocket: WebSocket) -> str:
+    try:
+        return ConnectionCounts.token_key(read_handshake(websocket).token)
+    except ConnectionRejected:
+        return ""
+
+
+async def admit(ctx: GatewayContext, websocket: WebSocket, token_key: str, address: str) -> bool:
+    """Refuse the upgrade with HTTP 503 when draining, full, or when this credential or
+    address holds its share already: clients back off and retry."""
+    outcome = "refused_full"
     if ctx.draining:
-        reason = "gateway is draining"
-    elif len(ctx.hub.sessions) >= ctx.settings.max_sessions:
+        reason, outcome = "gateway is draining", "refused_draining"
+    elif ctx.connections.total >= ctx.settings.max_sessions:
         reason = "gateway at its session limit"
+    elif (capped := ctx.connections.refusal(token_key, address)) is not None:
+        reason, outcome = capped, "refused_cap"
     else:
         return True
-    metrics.CONNECTIONS.labels("refused_" + ("draining" if ctx.draining else "full")).inc()
+    metrics.CONNECTIONS.labels(outcome).inc()
     await websocket.send_denial_response(
         JSONResponse({"error": reason}, status_code=503, headers={"Retry-After": "5"})
     )
@@ -84,14 +145,24 @@ async def admit(ctx: GatewayContext, websocket: WebSocket) -> bool:
 
 
 async def serve_device(ctx: GatewayContext, websocket: WebSocket) -> None:
-    if not await admit(ctx, websocket):
+    token_key, address = credential_key(websocket), client_address(ctx, websocket)
+    if not await admit(ctx, websocket, token_key, address):
         return
+    ctx.connections.add(token_key, address)
+    try:
+        await _serve_admitted(ctx, websocket)
+    finally:
+        ctx.connections.remove(token_key, address)
+
+
+async def _serve_admitted(ctx: GatewayContext, websocket: WebSocket) -> None:
     await websocket.accept()
     session: DeviceSession | None = None
     try:
         handshake = read_handshake(websocket)
         await authorize(ctx, handshake)
         hello = await _await_hello(ctx, websocket, handshake.protocol_version)
+        validate_audio_params(hello)
         decoder = OpusStreamDecoder(declared_frame_duration(hello))
         link = DeviceLink(
             websocket.send_text,
@@ -106,7 +177,9 @@ async def serve_device(ctx: GatewayContext, websocket: WebSocket) -> None:
             device_id=handshake.device_id,
             client_id=handshake.client_id,
         )
-        ctx.hub.add(session)
+        replaced = ctx.hub.add(session)
+        if replaced is not None:
+            await ctx.hub.replace(replaced)
         metrics.CONNECTIONS.labels("accepted").inc()
         settings = ctx.settings
         await websocket.send_text(
@@ -118,8 +191,17 @@ async def serve_device(ctx: GatewayContext, websocket: WebSocket) -> None:
         )
         session.record_connected(handshake.client_id, handshake.protocol_version, hello)
         await session.deliver_undelivered()
-        limiter = FrameRateLimiter(ctx.settings.max_frames_per_s)
-        await _receive_loop(websocket, session, decoder, handshake.protocol_version, limiter)
+        guard = InputGuard(
+            InputLimits(
+                frames_per_s=settings.max_frames_per_s,
+                audio_realtime_factor=settings.max_audio_speed,
+                text_messages_per_s=settings.max_text_messages_per_s,
+                text_bytes_per_s=settings.max_text_bytes_per_s,
+            )
+        )
+        await _receive_loop(
+            websocket, session, decoder, handshake.protocol_version, guard, settings.idle_timeout_s
+        )
     except ConnectionRejected as exc:
         metrics.CLOSES.labels(exc.label if session else f"handshake_{exc.label}").inc()
         log.info("closing connection: %s", exc.reason)
@@ -133,6 +215,7 @@ async def serve_device(ctx: GatewayContext, websocket: WebSocket) -> None:
         if session is not None:
             ctx.hub.remove(session)
             await session.close()
+            await ctx.hub.closed(session)
 
 
 async def _await_hello(ctx: GatewayContext, websocket: WebSocket, version: int) -> dict[str, Any]:
@@ -154,47 +237,40 @@ async def _await_hello(ctx: GatewayContext, websocket: WebSocket, version: int) 
     return message
 
 
-class FrameRateLimiter:
-    """Audio frames per second, averaged over a short window: a device sends about 17."""
-
-    def __init__(self, max_per_s: int, window_s: float = 2.0) -> None:
-        self._budget = max_per_s * window_s
-        self._window_s = window_s
-        self._window_start = time.monotonic()
-        self._count = 0
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        if now - self._window_start >= self._window_s:
-            self._window_start, self._count = now, 0
-        self._count += 1
-        return self._count <= self._budget
-
-
 async def _receive_loop(
     websocket: WebSocket,
     session: DeviceSession,
     decoder: OpusStreamDecoder,
     version: int,
-    limiter: FrameRateLimiter,
+    guard: InputGuard,
+    idle_timeout_s: float,
 ) -> None:
     while True:
-        raw = await websocket.receive()
+        remaining = idle_timeout_s - session.idle_for()
+        if remaining <= 0:
+            raise ConnectionRejected(GOING_AWAY, f"idle for {idle_timeout_s:.0f} s")
+        try:
+            raw = await asyncio.wait_for(websocket.receive(), remaining)
+        except TimeoutError:
+            continue  # the loop decides: a backend reply may have kept it active
         if raw["type"] == "websocket.disconnect":
             return
         data = raw.get("bytes")
         if data is not None:
             frame = decode_frame(version, data)
             if frame.type is PayloadType.JSON:
+                guard.text(len(frame.payload))
                 await session.handle_message(
                     parse_message(frame.payload.decode("utf-8", "replace"))
                 )
             else:
-                if not limiter.allow():
-                    raise ConnectionRejected(POLICY_VIOLATION, "audio frame rate over the limit")
-                session.handle_audio(decoder.decode(frame.payload))
-        elif raw.get("text") is not None:
-            await session.handle_message(parse_message(raw["text"]))
+                guard.frame()
+                pcm = decoder.decode(frame.payload)
+                guard.audio(len(pcm) / (2 * SAMPLE_RATE))
+                session.handle_audio(pcm)
+        elif (text := raw.get("text")) is not None:
+            guard.text(len(text))
+            await session.handle_message(parse_message(text))
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from services.gateway.compute import ComputeClients
 from services.gateway.config import GatewaySettings
+from services.gateway.limits import ConnectionCounts
 from services.gateway.recognition import Recognizer
 from services.gateway.store import SessionStore
 from services.gateway.vad_router import VadRouter
@@ -24,3 +25,10 @@ class GatewayContext:
     hub: SessionHub
     recognizer: Recognizer
     draining: bool = field(default=False)
+    # Every WebSocket from its upgrade on, hello or not (admission counts these).
+    connections: ConnectionCounts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.connections = ConnectionCounts(
+            self.settings.max_sessions_per_token, self.settings.max_sessions_per_address
+        )

@@ -25,6 +25,7 @@ from services.gateway.context import GatewayContext
 from services.gateway.delivery import DeliveryQueue
 from services.gateway.device_link import DeviceLink
 from services.gateway.errors import GOING_RESTART, INVALID_PAYLOAD, ConnectionRejected
+from services.gateway.limits import bounded_json, short_text
 from services.gateway.messages import LISTEN_MODES, LISTEN_STATES
 from services.gateway.recognition import Speaker
 from services.gateway.session_vad import SessionVad
@@ -75,15 +76,21 @@ class DeviceSession:
         self.mode: str | None = None
         self._manual_start: int | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._last_activity = time.monotonic()
+
+    def idle_for(self) -> float:
+        """Seconds since the device last sent anything or was sent a backend message."""
+        return time.monotonic() - self._last_activity
 
     # -- device messages -------------------------------------------------
 
     async def handle_message(self, message: dict[str, Any]) -> None:
+        self._last_activity = time.monotonic()
         kind = message["type"]
         if kind == "listen":
             self._handle_listen(message)
         elif kind == "abort":
-            self._record({"last_abort": str(message.get("reason", ""))})
+            self._record({"last_abort": short_text(message.get("reason", ""))})
         elif kind == "hello":
             log.info("session %s: repeated hello ignored", self.session_id)
         else:
@@ -106,7 +113,7 @@ class DeviceSession:
         elif state == "stop":
             self._stop_listening()
         else:
-            self._record({"last_wake_word": str(message.get("text", ""))})
+            self._record({"last_wake_word": short_text(message.get("text", ""))})
 
     def _start_listening(self, mode: str) -> None:
         self._stop_listening()
@@ -130,6 +137,7 @@ class DeviceSession:
     # -- audio -----------------------------------------------------------
 
     def handle_audio(self, pcm: bytes) -> None:
+        self._last_activity = time.monotonic()
         metrics.FRAMES.inc()
         self._cutter.append(pcm)
         if self._manual_start is not None:
@@ -169,6 +177,7 @@ class DeviceSession:
 
     async def deliver_reply(self, data: bytes) -> str:
         """Forward a backend message: JSON as a text frame, anything else as Opus audio."""
+        self._last_activity = time.monotonic()
         if data[:1] == b"{":
             try:
                 message = json.loads(data)
@@ -214,8 +223,8 @@ class DeviceSession:
                 "client_id": client_id,
                 "gateway_id": self.ctx.settings.gateway_id,
                 "protocol_version": str(protocol_version),
-                "audio_params": hello.get("audio_params", {}),
-                "features": hello.get("features", {}),
+                "audio_params": bounded_json(hello.get("audio_params", {})),
+                "features": bounded_json(hello.get("features", {})),
                 "connected_at": str(time.time()),
             }
         )

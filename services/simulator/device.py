@@ -44,6 +44,8 @@ class DeviceConfig:
     protocol_version: int = 3
     # 1.0 is real time; larger sends faster (VAD works in audio time either way).
     speed: float = 1.0
+    # Fields that replace the hello's defaults (e.g. other audio_params).
+    hello_extra: dict[str, Any] = field(default_factory=dict)
 
 
 class SimulatedDevice:
@@ -87,6 +89,7 @@ class SimulatedDevice:
                         "channels": 1,
                         "frame_duration": FRAME_MS,
                     },
+                    **self.config.hello_extra,
                 }
             )
             hello = await self.expect("hello", timeout=10)
