@@ -4,6 +4,12 @@ VAD events arrive on shared streams keyed by stream id; backend replies arrive
 on Redis pub/sub channels keyed by session id (``sf:reply:<session_id>``). The
 hub hands each to the one session it belongs to, so a device only ever sees
 its own.
+
+A device has at most one session on a gateway: when a new one is accepted for
+the same ``Device-Id`` (after its token and hello), the older connection is
+closed with a normal closure, code 1000, reason ``REPLACED_REASON``. Results
+it still had in flight go to the device's undelivered list as for any closed
+connection, and are handed to the new session once the old one has closed.
 """
 
 from __future__ import annotations
@@ -35,10 +41,19 @@ REPLIES = Counter(
 
 REPLY_PREFIX = "sf:reply:"
 
+# How a replaced connection is closed: a normal closure (the device did nothing
+# wrong; its newer connection carries on), with a reason saying why.
+REPLACED_CODE = 1000
+REPLACED_REASON = "replaced by a new connection for this device"
+
 
 class SessionHub:
     def __init__(self, store: SessionStore) -> None:
         self.sessions: dict[str, DeviceSession] = {}
+        # Each device's current session on this gateway.
+        self.devices: dict[str, DeviceSession] = {}
+        # Sessions closed because a newer one took their device, until they have closed.
+        self._replaced: set[str] = set()
         self._by_stream: dict[str, Callable[[vad_pb2.SpeechEvent], None]] = {}
         self._store = store
         self._subscribe_queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
@@ -46,15 +61,55 @@ class SessionHub:
 
     # -- sessions --------------------------------------------------------
 
-    def add(self, session: DeviceSession) -> None:
+    def add(self, session: DeviceSession) -> DeviceSession | None:
+        """Register a session as its device's current one; return the one it replaces."""
         self.sessions[session.session_id] = session
         metrics.SESSIONS.set(len(self.sessions))
         self._subscribe_queue.put_nowait(("subscribe", session.session_id))
+        previous = self.devices.get(session.device_id)
+        self.devices[session.device_id] = session
+        if previous is None or previous is session:
+            return None
+        self._replaced.add(previous.session_id)
+        return previous
+
+    async def replace(self, previous: DeviceSession) -> None:
+        """Close a session whose device has connected again; its own task then ends it."""
+        metrics.CLOSES.labels("replaced").inc()
+        log.info(
+            "session %s of device %s: replaced by a new connection",
+            previous.session_id,
+            previous.device_id,
+        )
+        await previous.link.close(REPLACED_CODE, REPLACED_REASON)
 
     def remove(self, session: DeviceSession) -> None:
         self.sessions.pop(session.session_id, None)
+        if self.devices.get(session.device_id) is session:
+            del self.devices[session.device_id]
         metrics.SESSIONS.set(len(self.sessions))
         self._subscribe_queue.put_nowait(("unsubscribe", session.session_id))
+
+    async def closed(self, session: DeviceSession) -> None:
+        """After a session has closed: if it was replaced, give its device back to the
+        current session.
+
+        A closing session's last writes name it in ``sf:device:<id>`` again, and
+        the results it could not deliver any more went to the device's
+        undelivered list after the new session had read it.
+        """
+        if session.session_id not in self._replaced:
+            return
+        self._replaced.discard(session.session_id)
+        current = self.devices.get(session.device_id)
+        if current is None:
+            return
+        await self._store.save_session(
+            current.session_id,
+            current.device_id,
+            {"gateway_id": current.ctx.settings.gateway_id},
+        )
+        await current.deliver_undelivered()
 
     # -- VAD events ------------------------------------------------------
 
