@@ -300,7 +300,9 @@ async def main_async(args: argparse.Namespace) -> None:
     results: list[StepResult] = []
     for design in args.designs.split(","):
         extra = {
+            # One shared token for every simulated device (testing opt-in).
             "SF_GATEWAY_AUTH_TOKENS": TOKEN,
+            "SF_GATEWAY_ALLOW_SHARED_TOKENS": "true",
             "SF_GATEWAY_ADMIN_TOKEN": ADMIN,
             "SF_GATEWAY_MAX_INFLIGHT_UTTERANCES": "16",
             **DESIGNS[design],

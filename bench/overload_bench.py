@@ -100,7 +100,12 @@ def _drain(device: SimulatedDevice) -> list[dict[str, object]]:
 
 async def main_async(args: argparse.Namespace) -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="overload-"))
-    extra = {"SF_GATEWAY_AUTH_TOKENS": TOKEN, "SF_GATEWAY_ADMIN_TOKEN": ADMIN}
+    # One shared token for every simulated device (testing opt-in).
+    extra = {
+        "SF_GATEWAY_AUTH_TOKENS": TOKEN,
+        "SF_GATEWAY_ALLOW_SHARED_TOKENS": "true",
+        "SF_GATEWAY_ADMIN_TOKEN": ADMIN,
+    }
     cluster = LocalCluster(run_dir, ClusterPorts(), extra_env=extra)
     cluster.start()
     peaks: dict[str, float] = {}

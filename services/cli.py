@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import signal
 import sys
@@ -12,6 +13,9 @@ import time
 from pathlib import Path
 
 SERVICES = ("gateway", "vad", "asr", "speaker")
+SECRET_ENV = "SF_GATEWAY_AUTH_SECRET"
+# The local cluster's ready-made device, for the simulator command in its banner.
+DEMO_DEVICE_ID, DEMO_CLIENT_ID = "demo-device", "demo-client"
 
 
 def _run_service(name: str) -> None:
@@ -30,16 +34,25 @@ def _run_cluster(args: argparse.Namespace) -> None:
     import logging
 
     from services.cluster import ClusterPorts, LocalCluster
+    from services.gateway.auth import issue_token
 
-    token = args.token or secrets.token_urlsafe(12)
+    # Devices present per-device tokens signed with this secret; a given one
+    # (or SF_GATEWAY_AUTH_SECRET) keeps tokens issued earlier valid.
+    secret = args.secret or os.environ.get(SECRET_ENV) or secrets.token_urlsafe(32)
+    token = issue_token(secret, DEMO_CLIENT_ID, DEMO_DEVICE_ID)
     admin = args.admin_token or secrets.token_urlsafe(12)
     extra = {
-        "SF_GATEWAY_AUTH_TOKENS": token,
+        SECRET_ENV: secret,
         "SF_GATEWAY_ADMIN_TOKEN": admin,
         "SF_GATEWAY_ALLOW_ANONYMOUS": "true" if args.open else "false",
         # Threshold measured for the lite d-vector model on espeak voices.
         "SF_GATEWAY_SPEAKER_THRESHOLD": "0.86",
     }
+    if args.token:
+        # Testing only: one token for every device, identity not verified.
+        extra.update(
+            {"SF_GATEWAY_AUTH_TOKENS": args.token, "SF_GATEWAY_ALLOW_SHARED_TOKENS": "true"}
+        )
     replicas = (
         dict(
             (name, int(count))
@@ -72,6 +85,18 @@ def _run_cluster(args: argparse.Namespace) -> None:
     p = cluster.ports
     width = max(len(name) for name, _ in cluster.endpoints())
     processes = "\n".join(f"    {name:<{width}}  {where}" for name, where in cluster.endpoints())
+    open_note = "   (open mode: any token accepted)" if args.open else ""
+    issue_command = (
+        f".venv/bin/speechfront issue-token --secret {secret} "
+        "--device-id <Device-Id> --client-id <Client-Id>"
+    )
+    demo = f"Device-Id {DEMO_DEVICE_ID}, Client-Id {DEMO_CLIENT_ID}"
+    demo_args = f"--device-id {DEMO_DEVICE_ID} --client-id {DEMO_CLIENT_ID}"
+    shared_note = (
+        f"\n  shared test token    {args.token}   (any Device-Id: identity not verified)"
+        if args.token
+        else ""
+    )
     restarts = (
         "a process that exits stops everything (--no-restart)"
         if args.no_restart
@@ -81,15 +106,17 @@ def _run_cluster(args: argparse.Namespace) -> None:
         f"""
 cluster ready in {time.monotonic() - started:.0f} s; logs in {args.run_dir}/
 
-  devices connect to   ws://{args.host}:{p.gateway}/xiaozhi/v1/
-  device token         {token}{"   (open mode: any token accepted)" if args.open else ""}
+  devices connect to   ws://{args.host}:{p.gateway}/xiaozhi/v1/{open_note}
+  token secret         {secret}   ({SECRET_ENV})
+  a device's token     {issue_command}
+  demo device token    {token}   ({demo}){shared_note}
   speaker admin token  {admin}
   health / metrics     http://{args.host}:{p.gateway}/readyz   http://{args.host}:{p.gateway}/metrics
   processes
 {processes}
 
 try a simulated device:
-  .venv/bin/speechfront simulate --token {token} --text "turn on the kitchen lights"
+  .venv/bin/speechfront simulate {demo_args} --token {token} --text "turn on the kitchen lights"
 
 {restarts}; Ctrl-C stops everything.""",
         flush=True,
@@ -131,6 +158,7 @@ def _run_simulator(args: argparse.Namespace) -> None:
             protocol_version=args.protocol,
             speed=args.speed,
             **({"device_id": args.device_id} if args.device_id else {}),
+            **({"client_id": args.client_id} if args.client_id is not None else {}),
         )
         async with SimulatedDevice(config) as device:
             print(
@@ -149,6 +177,18 @@ def _run_simulator(args: argparse.Namespace) -> None:
     asyncio.run(run())
 
 
+def _issue_token(args: argparse.Namespace) -> None:
+    from services.gateway.auth import issue_token
+
+    secret = args.secret or os.environ.get(SECRET_ENV, "")
+    if not secret:
+        raise SystemExit(f"give --secret or set {SECRET_ENV}")
+    try:
+        print(issue_token(secret, args.client_id, args.device_id))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="speechfront", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,7 +198,13 @@ def main(argv: list[str] | None = None) -> None:
     cluster = sub.add_parser("cluster", help="run Redis and every service locally (lite profile)")
     cluster.add_argument("--run-dir", default="run", help="logs and Redis files")
     cluster.add_argument("--host", default="127.0.0.1", help="address services bind")
-    cluster.add_argument("--token", help="device token to accept (default: a random one)")
+    cluster.add_argument(
+        "--secret", help=f"per-device token secret (default: ${SECRET_ENV} or a random one)"
+    )
+    cluster.add_argument(
+        "--token",
+        help="also accept this shared token for any device (testing: identity not verified)",
+    )
     cluster.add_argument("--admin-token", help="speaker API token (default: a random one)")
     cluster.add_argument(
         "--backend", action="store_true", help="also run the example echo dialogue backend"
@@ -184,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     sim.add_argument("--url", default="ws://127.0.0.1:8000/xiaozhi/v1/")
     sim.add_argument("--token")
     sim.add_argument("--device-id")
+    sim.add_argument("--client-id", help="Client-Id header (a device token is bound to it)")
     sim.add_argument("--text", action="append", default=[], help="sentence to speak (repeatable)")
     sim.add_argument("--wav", action="append", default=[], help="WAV file to send (repeatable)")
     sim.add_argument("--voice", default="en", help="espeak-ng voice for --text")
@@ -191,6 +238,14 @@ def main(argv: list[str] | None = None) -> None:
     sim.add_argument("--mode", choices=("auto", "manual", "realtime"), default="auto")
     sim.add_argument("--speed", type=float, default=1.0, help="1.0 = real time")
     sim.add_argument("--timeout", type=float, default=30.0)
+
+    issue = sub.add_parser(
+        "issue-token",
+        help="print a device's token (xiaozhi-esp32-server's format: signature.timestamp)",
+    )
+    issue.add_argument("--secret", help=f"the gateways' token secret (default: ${SECRET_ENV})")
+    issue.add_argument("--device-id", required=True, help="the device's Device-Id (its MAC)")
+    issue.add_argument("--client-id", required=True, help="the device's Client-Id (a UUID)")
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "echo-backend":
@@ -204,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         _run_service(args.command)
     elif args.command == "cluster":
         _run_cluster(args)
+    elif args.command == "issue-token":
+        _issue_token(args)
     else:
         _run_simulator(args)
 

@@ -24,7 +24,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     with LocalCluster(
         run_dir,
         extra_env={
+            # One shared token for every simulated device (testing opt-in).
             "SF_GATEWAY_AUTH_TOKENS": DEVICE_TOKEN,
+            "SF_GATEWAY_ALLOW_SHARED_TOKENS": "true",
             "SF_GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
             "SF_GATEWAY_SPEAKER_THRESHOLD": SPEAKER_THRESHOLD,
         },

@@ -36,6 +36,7 @@ def supervised(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluste
         replicas={"gateway": 2, "vad": 2, "asr": 2, "speaker": 2},
         extra_env={
             "SF_GATEWAY_AUTH_TOKENS": DEVICE_TOKEN,
+            "SF_GATEWAY_ALLOW_SHARED_TOKENS": "true",
             "SF_GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
             "SF_GATEWAY_SPEAKER_THRESHOLD": SPEAKER_THRESHOLD,
         },

@@ -39,6 +39,7 @@ def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluste
         idle={"asr": 1},
         extra_env={
             "SF_GATEWAY_AUTH_TOKENS": DEVICE_TOKEN,
+            "SF_GATEWAY_ALLOW_SHARED_TOKENS": "true",
             "SF_GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
             "SF_GATEWAY_SPEAKER_THRESHOLD": "0.86",
             "SF_ASR_MAX_CONNECTION_AGE_S": "5",

@@ -23,7 +23,11 @@ SENTENCE = "turn on the kitchen lights"
 def one_stream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     with LocalCluster(
         tmp_path_factory.mktemp("one-stream"),
-        extra_env={"SF_GATEWAY_AUTH_TOKENS": DEVICE_TOKEN, "SF_VAD_MAX_STREAMS": "1"},
+        extra_env={
+            "SF_GATEWAY_AUTH_TOKENS": DEVICE_TOKEN,
+            "SF_GATEWAY_ALLOW_SHARED_TOKENS": "true",
+            "SF_VAD_MAX_STREAMS": "1",
+        },
     ) as cluster:
         yield cluster
 

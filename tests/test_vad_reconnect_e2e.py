@@ -26,6 +26,7 @@ def recycling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster
         tmp_path_factory.mktemp("recycling"),
         extra_env={
             "SF_GATEWAY_AUTH_TOKENS": DEVICE_TOKEN,
+            "SF_GATEWAY_ALLOW_SHARED_TOKENS": "true",
             # The gateway's one VAD stream is ended by the server every ~2.5 s.
             "SF_VAD_MAX_CONNECTION_AGE_S": "2",
             "SF_VAD_MAX_CONNECTION_AGE_GRACE_S": "0.5",
