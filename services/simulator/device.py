@@ -195,6 +195,11 @@ class SimulatedDevice:
         frame_marks = {offset // FRAME_SAMPLES: name for offset, name in (marks or {}).items()}
         return await self.stream_packets(self.encode(samples), frame_marks)
 
+    async def send_packet(self, packet: bytes) -> None:
+        """One Opus packet in this device's framing, unpaced."""
+        assert self._ws is not None
+        await self._ws.send(encode_frame(self.config.protocol_version, packet, PayloadType.OPUS))
+
     async def stream_packets(
         self, packets: list[bytes], marks: dict[int, str] | None = None
     ) -> dict[str, float]:
