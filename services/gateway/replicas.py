@@ -27,7 +27,6 @@ import asyncio
 import itertools
 import logging
 import math
-import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -40,6 +39,7 @@ from prometheus_client import Counter, Gauge
 
 from services.common.grpc_client import open_channel
 from services.common.tasks import cancel_and_wait
+from services.gateway.targets import parse_target, resolve
 
 log = logging.getLogger(__name__)
 
@@ -151,31 +151,6 @@ class HedgeBudget:
             index = min(len(ordered) - 1, math.ceil(self.quantile * len(ordered)) - 1)
             estimate = self.factor * ordered[max(index, 0)] * max(work, 1.0)
         return min(max(estimate, self.floor_s), timeout_s * self.deadline_share)
-
-
-def parse_target(target: str) -> tuple[list[str], str | None]:
-    """Static replica addresses, or the ``name:port`` to resolve for ``dns:`` targets."""
-    target = target.strip()
-    if target.startswith("dns:"):
-        rest = target.removeprefix("dns:")
-        if rest.startswith("//"):  # dns://[authority]/name:port
-            rest = rest[2:].split("/", 1)[-1]
-        return [], rest
-    if target.startswith("unix:") or "://" in target:
-        return [target], None
-    body = target.removeprefix("ipv4:").removeprefix("ipv6:")
-    return [a.strip() for a in body.split(",") if a.strip()], None
-
-
-def resolve(name_port: str) -> list[str]:
-    """Every address a DNS name has (a headless Service: one per ready pod)."""
-    host, port = name_port.rsplit(":", 1)
-    infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
-    found = set()
-    for family, *_, sockaddr in infos:
-        ip = str(sockaddr[0])
-        found.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
-    return sorted(found)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Protocol
 from prometheus_client import Gauge
 
 from services.common.tasks import cancel_and_wait
-from services.gateway.replicas import parse_target, resolve
+from services.gateway.targets import parse_target, resolve
 from services.gateway.vad_client import EventHandler, VadStreamClient
 
 log = logging.getLogger(__name__)
