@@ -47,6 +47,14 @@ class GatewaySettings(BaseSettings):
         False, description="Open mode for local use: accept devices without a valid token."
     )
     admin_token: str = Field("", description="Bearer token for the speaker enrolment API.")
+    api_docs: bool = Field(False, description="Serve /docs, /redoc and /openapi.json.")
+    handshake_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=120,
+        description="A request's line and headers must arrive within this time; "
+        "a slower client gets 408 and its socket is closed.",
+    )
 
     hello_timeout_s: float = Field(10.0, gt=0)
     session_ttl_s: int = Field(3600, ge=60)
