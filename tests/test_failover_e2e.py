@@ -328,6 +328,26 @@ async def until_the_front_uses(cluster: LocalCluster, store: redis.Redis, gatewa
     raise TimeoutError(f"the front sent no device to {gateway} within 15 s")
 
 
+async def test_a_device_connecting_through_another_gateway_closes_its_old_connection(
+    replicated: LocalCluster, store: redis.Redis
+) -> None:
+    first_gw, second_gw = replicated.replicas["gateway"][:2]
+
+    def direct(replica_port: int) -> SimulatedDevice:
+        url = f"ws://127.0.0.1:{replica_port}/xiaozhi/v1/"
+        return SimulatedDevice(DeviceConfig(url=url, token=DEVICE_TOKEN, device_id="moving"))
+
+    old, new = direct(first_gw.port), direct(second_gw.port)
+    await old.connect()
+    await new.connect()
+    code, reason = await old.wait_closed(10)
+    assert code == 1000 and "replaced" in reason
+    assert store.hget("sf:device:moving", "session_id") == new.session_id
+    [result] = await new.speak_auto([clip(1)])
+    assert_right_text(result, SENTENCES[1])
+    await new.close()
+
+
 def _drain(d: SimulatedDevice) -> list[dict[str, object]]:
     items = []
     while not d.messages.empty():

@@ -37,7 +37,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         store = SessionStore(
             settings.redis_url, settings.session_ttl_s, settings.redis_max_connections
         )
-        hub = SessionHub(store)
+        hub = SessionHub(store, settings.gateway_id)
         vad = VadRouter(
             settings.vad_target,
             hub.on_vad_event,

@@ -180,6 +180,8 @@ async def _serve_admitted(ctx: GatewayContext, websocket: WebSocket) -> None:
         replaced = ctx.hub.add(session)
         if replaced is not None:
             await ctx.hub.replace(replaced)
+        else:
+            await ctx.hub.announce(session)
         metrics.CONNECTIONS.labels("accepted").inc()
         settings = ctx.settings
         await websocket.send_text(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -40,6 +41,10 @@ REPLIES = Counter(
 )
 
 REPLY_PREFIX = "sf:reply:"
+# One channel per gateway for gateways to tell each other about a device that
+# moved: "replace" (close your session, the device connected here) and
+# "redeliver" (results of the closed session are waiting in Redis).
+CONTROL_PREFIX = "sf:control:"
 
 # How a replaced connection is closed: a normal closure (the device did nothing
 # wrong; its newer connection carries on), with a reason saying why.
@@ -48,7 +53,12 @@ REPLACED_REASON = "replaced by a new connection for this device"
 
 
 class SessionHub:
-    def __init__(self, store: SessionStore) -> None:
+    def __init__(self, store: SessionStore, gateway_id: str = "gateway") -> None:
+        self._gateway_id = gateway_id
+        self._control = f"{CONTROL_PREFIX}{gateway_id}"
+        # Sessions closed for a device that moved to another gateway: where to
+        # say that their undelivered results are waiting (gateway, session).
+        self._moved: dict[str, tuple[str, str]] = {}
         self.sessions: dict[str, DeviceSession] = {}
         # Each device's current session on this gateway.
         self.devices: dict[str, DeviceSession] = {}
@@ -90,26 +100,43 @@ class SessionHub:
         metrics.SESSIONS.set(len(self.sessions))
         self._subscribe_queue.put_nowait(("unsubscribe", session.session_id))
 
-    async def closed(self, session: DeviceSession) -> None:
-        """After a session has closed: if it was replaced, give its device back to the
-        current session.
+    async def announce(self, session: DeviceSession) -> None:
+        """Before recording a new session: if its device's last session is on another
+        gateway, ask that gateway to close it (one connection per device)."""
+        route = await self._store.device_route(session.device_id)
+        old_session, old_gateway = route.get("session_id"), route.get("gateway_id")
+        if not old_session or not old_gateway or old_gateway == self._gateway_id:
+            return
+        message = {"replace": old_session, "by": session.session_id, "gateway": self._gateway_id}
+        await self._store.publish(f"{CONTROL_PREFIX}{old_gateway}", json.dumps(message))
 
-        A closing session's last writes name it in ``sf:device:<id>`` again, and
-        the results it could not deliver any more went to the device's
-        undelivered list after the new session had read it.
-        """
-        if session.session_id not in self._replaced:
+    async def closed(self, session: DeviceSession) -> None:
+        """After a replaced session has closed: the results it could not deliver any
+        more went to the device's undelivered list after the new session had read
+        it, so the new session reads it again."""
+        if session.session_id in self._replaced:
+            self._replaced.discard(session.session_id)
+            current = self.devices.get(session.device_id)
+            if current is not None:
+                await current.deliver_undelivered()
+        elif (moved := self._moved.pop(session.session_id, None)) is not None:
+            gateway, new_session = moved
+            message = json.dumps({"redeliver": new_session})
+            await self._store.publish(f"{CONTROL_PREFIX}{gateway}", message)
+
+    async def _on_control(self, data: bytes) -> None:
+        try:
+            message = json.loads(data)
+        except ValueError:
+            log.warning("unreadable control message on %s", self._control)
             return
-        self._replaced.discard(session.session_id)
-        current = self.devices.get(session.device_id)
-        if current is None:
+        if not isinstance(message, dict):
             return
-        await self._store.save_session(
-            current.session_id,
-            current.device_id,
-            {"gateway_id": current.ctx.settings.gateway_id},
-        )
-        await current.deliver_undelivered()
+        if (session := self.sessions.get(str(message.get("replace")))) is not None:
+            self._moved[session.session_id] = (str(message.get("gateway")), str(message.get("by")))
+            await self.replace(session)
+        elif (session := self.sessions.get(str(message.get("redeliver")))) is not None:
+            await session.deliver_undelivered()
 
     # -- VAD events ------------------------------------------------------
 
@@ -145,10 +172,10 @@ class SessionHub:
         while True:
             pubsub = self._store.raw.pubsub(ignore_subscribe_messages=True)
             try:
-                # A channel of the gateway's own keeps the connection subscribed
-                # (and listening) while no device is connected.
+                # The gateway's control channel also keeps the connection
+                # subscribed (and listening) while no device is connected.
                 channels = [f"{REPLY_PREFIX}{sid}" for sid in self.sessions]
-                await pubsub.subscribe(f"{REPLY_PREFIX}gateway", *channels)
+                await pubsub.subscribe(self._control, *channels)
                 while True:
                     await self._apply_subscriptions(pubsub)
                     message = await pubsub.get_message(timeout=0.2)
@@ -169,6 +196,9 @@ class SessionHub:
             await getattr(pubsub, action)(f"{REPLY_PREFIX}{session_id}")
 
     async def _relay_one(self, channel: bytes, data: bytes) -> None:
+        if channel.decode() == self._control:
+            await self._on_control(data)
+            return
         session = self.sessions.get(channel.decode().removeprefix(REPLY_PREFIX))
         if session is None:
             REPLIES.labels("dropped").inc()

@@ -171,10 +171,13 @@ class SessionStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=record)
             pipe.expire(key, self._ttl)
-            if device_id:
-                route: dict[Any, Any] = {"session_id": session_id}
-                if "gateway_id" in record:
-                    route["gateway_id"] = record["gateway_id"]
+            if device_id and "gateway_id" in record:
+                # Only a session's connect record names it the device's current
+                # one: later writes of a replaced session must not take it back.
+                route: dict[Any, Any] = {
+                    "session_id": session_id,
+                    "gateway_id": record["gateway_id"],
+                }
                 pipe.hset(f"sf:device:{device_id}", mapping=route)
                 pipe.expire(f"sf:device:{device_id}", self._ttl)
             await pipe.execute()
@@ -202,6 +205,23 @@ class SessionStore:
                 await pipe.execute()
 
         await self._guarded("undelivered", write)
+
+    async def device_route(self, device_id: str) -> dict[str, str]:
+        """The device's current session and gateway as last recorded ({} if unknown)."""
+        try:
+            raw = await self._redis.hgetall(f"sf:device:{device_id}")
+        except Exception as exc:
+            REDIS_ERRORS.labels("device_route").inc()
+            log.warning("reading the route of device %s failed: %s", device_id, exc)
+            return {}
+        return {str(k): str(v) for k, v in raw.items()}
+
+    async def publish(self, channel: str, message: str) -> None:
+        try:
+            await self._redis.publish(channel, message)
+        except Exception as exc:
+            REDIS_ERRORS.labels("publish").inc()
+            log.warning("publishing to %s failed: %s", channel, exc)
 
     async def take_undelivered(self, device_id: str) -> list[dict[str, Any]]:
         key = f"sf:undelivered:{device_id}"
