@@ -8,7 +8,10 @@ It shows the hand-off contract a real backend (LLM + TTS) follows:
 - reply by publishing device-protocol JSON (or Opus packets) to
   ``sf:reply:<session_id>``; whichever gateway holds the device forwards it.
 
-    speechfront echo-backend --redis-url redis://127.0.0.1:6390/0
+    SF_BACKEND_REDIS_URL=redis://:<password>@127.0.0.1:6390/0 speechfront echo-backend
+
+The Redis URL, password included, comes from ``SF_BACKEND_REDIS_URL`` (or
+``--redis-url``, which puts the password on a command line anyone can read).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import socket
 from typing import Any
 
@@ -80,7 +84,9 @@ async def run(redis_url: str, consumer: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="speechfront echo-backend", description=__doc__)
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("SF_BACKEND_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
     parser.add_argument("--consumer", default=socket.gethostname())
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO")

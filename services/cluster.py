@@ -15,11 +15,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -68,11 +71,27 @@ def port_free(host: str, port: int) -> bool:
         return True
 
 
-def probe_redis(port: int, timeout: float = 1.0) -> bool:
+def _resp_command(*words: str) -> bytes:
+    parts = [f"*{len(words)}\r\n".encode()]
+    for word in words:
+        data = word.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def probe_redis(port: int, password: str | None = None, timeout: float = 1.0) -> bool:
+    """Whether Redis answers PING (after AUTH, when it wants a password)."""
+    request = (_resp_command("AUTH", password) if password else b"") + b"PING\r\n"
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            sock.sendall(request)
+            reply = b""
+            while b"+PONG" not in reply and b"-" not in reply:
+                data = sock.recv(64)
+                if not data:
+                    break
+                reply += data
+            return b"+PONG" in reply and b"-" not in reply
     except OSError:
         return False
 
@@ -112,6 +131,7 @@ class ServiceProcess:
     # How it was started, to start it again the same way.
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] | None = None
+    stdin: bytes | None = None
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -399,6 +419,9 @@ class LocalCluster:
         self._profile = LITE_PROFILE if profile is None else profile
         self._extra_env = extra_env or {}
         self.processes: dict[str, ServiceProcess] = {}
+        # Redis asks every client for this password; each gets it in its URL.
+        self.redis_password = secrets.token_hex(16)
+        self._redis_dir: Path | None = None
         self._supervise = supervise
         self._backoff = backoff
         self.supervisor: Supervisor | None = None
@@ -436,7 +459,7 @@ class LocalCluster:
 
     @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.ports.redis}/0"
+        return f"redis://:{self.redis_password}@127.0.0.1:{self.ports.redis}/0"
 
     @property
     def has_front(self) -> bool:
@@ -462,7 +485,7 @@ class LocalCluster:
             for r in self.replicas[service]:
                 if r.name not in self.idle or r.name in self.processes:
                     rows.append((r.name, f"grpc :{r.port}  metrics :{r.metrics_port}"))
-        rows.append(("redis", f"redis://127.0.0.1:{self.ports.redis}/0"))
+        rows.append(("redis", self.redis_url))
         if "echo-backend" in self.processes:
             rows.append(("echo-backend", "reads sf:transcripts, answers on sf:reply:*"))
         return rows
@@ -472,6 +495,9 @@ class LocalCluster:
         # Several model processes share the machine's cores; one thread each
         # keeps them from oversubscribing it.
         env.setdefault("OMP_NUM_THREADS", "1")
+        # glibc's default of 8 malloc arenas per core lets every thread keep
+        # its own peak of freed memory; two bound what a burst leaves behind.
+        env.setdefault("MALLOC_ARENA_MAX", "2")
         env.update(self._profile)
         env.update(
             {
@@ -569,7 +595,8 @@ class LocalCluster:
     def start_backend(self) -> None:
         """The example dialogue backend, reading this cluster's transcript stream."""
         argv = [sys.executable, "-m", "services.cli", "echo-backend"]
-        self._spawn("echo-backend", [*argv, "--redis-url", self.redis_url])
+        # In its environment: a command line (and the password in it) is public.
+        self._spawn("echo-backend", argv, {**self.env(), "SF_BACKEND_REDIS_URL": self.redis_url})
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM every process, SIGKILL (with anything it started) what outlives ``timeout``."""
@@ -589,6 +616,9 @@ class LocalCluster:
                 proc.process.kill()
                 proc.process.wait(5)
         self.processes.clear()
+        if self._redis_dir is not None:
+            shutil.rmtree(self._redis_dir, ignore_errors=True)
+            self._redis_dir = None
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -607,11 +637,11 @@ class LocalCluster:
         old = self.processes[name]
         with old.log_path.open("a") as out:
             out.write(f"--- {time.strftime('%H:%M:%S')} supervisor: {note} ---\n")
-        self._spawn(name, old.argv, old.env)
+        self._spawn(name, old.argv, old.env, old.stdin)
 
     def healthy(self, name: str) -> bool:
         if name == "redis":
-            return probe_redis(self.ports.redis)
+            return probe_redis(self.ports.redis, self.redis_password)
         if name == "front":
             return probe_tcp(self.ports.gateway)
         if name == "echo-backend":
@@ -640,35 +670,80 @@ class LocalCluster:
         redis = shutil.which("redis-server")
         if redis is None:
             raise ClusterError("redis-server is not installed (make setup installs it)")
-        self._spawn(
-            "redis",
+        prefix, workdir = self._redis_user()
+        # The configuration, password included, on stdin ("-"): never on a
+        # command line, never in a file.
+        config = "\n".join(
             [
-                redis,
-                "--port", str(self.ports.redis),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.run_dir),
-            ],
-        )  # fmt: skip
+                f"port {self.ports.redis}",
+                "bind 127.0.0.1",
+                'save ""',
+                "appendonly no",
+                f'dir "{workdir}"',
+                f"requirepass {self.redis_password}",
+                "",
+            ]
+        )
+        self._spawn("redis", [*prefix, redis, "-"], stdin=config.encode())
+
+    def _redis_user(self) -> tuple[list[str], Path]:
+        """How to start Redis without root, and its working directory.
+
+        A cluster started by root runs Redis as ``nobody``, in a directory of its
+        own under the system temp directory (the run directory may sit where
+        ``nobody`` cannot go, as pytest's does); otherwise as the caller, in the
+        run directory.
+        """
+        own = self.run_dir.resolve()
+        if os.geteuid() != 0:
+            return [], own
+        try:
+            user = pwd.getpwnam("nobody")
+        except KeyError:
+            log.warning("no user nobody: the local Redis runs as root")
+            return [], own
+        setpriv, runuser = shutil.which("setpriv"), shutil.which("runuser")
+        if setpriv is not None:
+            ids = [f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
+            prefix = [setpriv, *ids, "--"]
+        elif runuser is not None:
+            prefix = [runuser, "-u", user.pw_name, "--"]
+        else:
+            log.warning("neither setpriv nor runuser is installed: the local Redis runs as root")
+            return [], own
+        if self._redis_dir is None:
+            workdir = Path(tempfile.mkdtemp(prefix="speechfront-redis-"))
+            os.chown(workdir, user.pw_uid, user.pw_gid)
+            self._redis_dir = workdir
+        return prefix, self._redis_dir
 
     def _spawn_replica(self, replica: Replica) -> None:
         argv = [sys.executable, "-m", "services.cli", replica.service]
         self._spawn(replica.name, argv, self.env(replica))
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def _spawn(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        stdin: bytes | None = None,
+    ) -> None:
         log_path = self.run_dir / f"{name}.log"
         env = env or self.env()
         with log_path.open("ab") as out:  # the child keeps its own copy
             process = subprocess.Popen(
                 argv,
                 env=env,
+                stdin=None if stdin is None else subprocess.PIPE,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=Path(__file__).resolve().parents[1],
                 start_new_session=True,
             )
-        self.processes[name] = ServiceProcess(name, process, log_path, argv, env)
+        if stdin is not None and process.stdin is not None:
+            with contextlib.suppress(BrokenPipeError), process.stdin:
+                process.stdin.write(stdin)
+        self.processes[name] = ServiceProcess(name, process, log_path, argv, env, stdin)
         if self.supervisor is not None:
             self.supervisor.watch(name)
 
@@ -687,7 +762,7 @@ class LocalCluster:
             self._tick(name, deadline)
 
     def _wait_redis(self, deadline: float) -> None:
-        self._wait_until("redis", lambda: probe_redis(self.ports.redis), deadline)
+        self._wait_until("redis", lambda: self.healthy("redis"), deadline)
 
     def _wait_grpc(self, name: str, port: int, deadline: float) -> None:
         self._wait_until(name, lambda: probe_grpc(port), deadline)

@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -305,9 +306,63 @@ def test_gateway_reaches_redis_through_its_service(
     overlay: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     objects = render(overlay)
-    url = _settings(objects, "gateway", monkeypatch).redis_url
+    url = urlsplit(_settings(objects, "gateway", monkeypatch).redis_url)
     port = named(objects, "Service", "redis")["spec"]["ports"][0]["port"]
-    assert url == f"redis://redis.speechfront.svc.cluster.local:{port}/0"
+    assert (url.scheme, url.hostname, url.port, url.path) == (
+        "redis",
+        "redis.speechfront.svc.cluster.local",
+        port,
+        "/0",
+    )
+
+
+REDIS_SECRET = {"name": "redis-auth", "key": "password"}
+
+
+def _secret_refs(container: Manifest) -> dict[str, Manifest]:
+    """The container's variables that come from a Secret key: name -> secretKeyRef."""
+    return {
+        var["name"]: var["valueFrom"]["secretKeyRef"]
+        for var in container.get("env", [])
+        if "secretKeyRef" in var.get("valueFrom", {})
+    }
+
+
+@overlays
+def test_redis_requires_the_password_of_its_secret(overlay: str) -> None:
+    objects = render(overlay)
+    spec = named(objects, "StatefulSet", "redis")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    refs = _secret_refs(container)
+    # Required (not optional): without the Secret the pod waits instead of
+    # starting an open Redis.
+    assert refs["REDIS_PASSWORD"] == REDIS_SECRET
+    args = container["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    # The readiness probe's redis-cli authenticates from REDISCLI_AUTH.
+    assert container["readinessProbe"]["exec"]["command"][0] == "redis-cli"
+    assert refs["REDISCLI_AUTH"] == REDIS_SECRET
+    # The operator creates the Secret: no password is in the repository.
+    assert not [o for o in by_kind(objects, "Secret") if o["metadata"]["name"] == "redis-auth"]
+
+
+@overlays
+def test_gateway_redis_url_carries_the_password_of_the_secret(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = render(overlay)
+    container = _service_container(objects, "gateway")
+    names = [var["name"] for var in container["env"]]
+    assert _secret_refs(container)["REDIS_PASSWORD"] == REDIS_SECRET
+    # Kubernetes expands $(VAR) only from variables listed before it.
+    assert names.index("REDIS_PASSWORD") < names.index("SF_GATEWAY_REDIS_URL")
+    url = urlsplit(_settings(objects, "gateway", monkeypatch).redis_url)
+    assert url.password == "$(REDIS_PASSWORD)"
+    # ConfigMaps are no place for it (nor are values from envFrom expanded).
+    for source in container["envFrom"]:
+        if "configMapRef" in source:
+            data = named(objects, "ConfigMap", source["configMapRef"]["name"])["data"]
+            assert "SF_GATEWAY_REDIS_URL" not in data
 
 
 @overlays

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.common import logging_filter
 from services.common.metrics import serve_metrics
 from services.common.settings import ServiceSettings
 
@@ -46,6 +47,8 @@ def configure_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Records of every logger that propagates pass the root's handlers.
+    logging_filter.install(logging.getLogger().handlers)
 
 
 async def run_grpc_service(
@@ -68,7 +71,7 @@ async def run_grpc_service(
     if bound == 0:
         raise SystemExit(f"{name}: cannot bind {settings.host}:{settings.port}")
     if settings.metrics_port:
-        serve_metrics(settings.metrics_port)
+        serve_metrics(settings.metrics_port, settings.host)
     await server.start()
     await start()
     for service in ("", name):

@@ -76,6 +76,8 @@ def record_gpu_memory(service: str) -> None:
     GPU_MEMORY_BYTES.labels(service, "peak").set(torch.cuda.max_memory_allocated())
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
-    """Expose the default registry on its own HTTP port (gRPC services)."""
-    start_http_server(port, addr=host)
+def serve_metrics(port: int, host: str) -> None:
+    """Expose the default registry on its own HTTP port (gRPC services), on the
+    address the service itself binds: a service kept on loopback keeps its
+    metrics there too. An IPv6 address may come in gRPC's brackets."""
+    start_http_server(port, addr=host.strip("[]"))

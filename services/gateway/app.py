@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from uvicorn.config import LOGGING_CONFIG
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
 
 from services.common.config import load_settings
 from services.common.grpc_service import configure_logging
+from services.common.logging_filter import RedactSecrets
 from services.common.loop_monitor import LoopLagMonitor
 from services.gateway.compute import ComputeClients
 from services.gateway.config import GatewaySettings
@@ -22,6 +30,7 @@ from services.gateway.connection import serve_device
 from services.gateway.context import GatewayContext
 from services.gateway.hub import SessionHub
 from services.gateway.recognition import Recognizer
+from services.gateway.speakers_api import AdminRequestGuard
 from services.gateway.speakers_api import router as speakers_router
 from services.gateway.store import SessionStore
 from services.gateway.vad_router import VadRouter
@@ -71,7 +80,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await ctx.compute.close()
             await ctx.store.close()
 
-    app = FastAPI(title="speechfront gateway", lifespan=lifespan)
+    # The API description is for developers, not for the device port.
+    docs = settings.api_docs
+    app = FastAPI(
+        title="speechfront gateway",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    app.add_middleware(AdminRequestGuard, settings=settings)
     app.include_router(speakers_router)
 
     async def device_socket(websocket: WebSocket) -> None:
@@ -142,18 +160,222 @@ class DrainingServer(uvicorn.Server):
         self._drain.add_done_callback(lambda _: super(DrainingServer, self).handle_exit(sig, None))
 
 
+# -- the HTTP server ------------------------------------------------------------
+
+# A request's line and headers. Firmware sends a few hundred bytes, a proxy adds
+# a few headers. Both stay under websockets' own limits (8 KiB per line, 128
+# headers), so an upgrade handed on to it is never refused there.
+MAX_HEAD_BYTES = 8 * 1024
+MAX_HEADERS = 100
+
+
+def _plain_response(status: int, text: str) -> bytes:
+    body = text.encode()
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        "content-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with limits on each request's head.
+
+    uvicorn bounds neither the time a client takes to send a request's line
+    and headers nor their size: a client that sends half a request and stops
+    (slowloris), or an endless header, keeps its socket and its buffer for
+    ever. Here a head must arrive within ``head_timeout_s`` of the connection
+    (of the request's first byte, on a kept-alive connection) and stay within
+    MAX_HEAD_BYTES and MAX_HEADERS; otherwise the client gets 408 or 431 and
+    the socket is closed. ``guarded_http_protocol`` sets the timeout.
+    """
+
+    head_timeout_s = 10.0
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._in_head = True  # the bytes arriving belong to a request's head
+        self._head_bytes = 0  # its line and headers, as parsed
+        self._head_fed = 0  # bytes fed to the parser while it was in that head
+        self._headers = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._in_head:
+            if self._head_timer is None:
+                self._arm()
+            # The parser keeps an unfinished header whole: bound what it holds.
+            if self._head_fed > MAX_HEAD_BYTES:
+                self._refuse(431, f"request head over {MAX_HEAD_BYTES} bytes")
+                return
+            self._head_fed += len(data)
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        self._in_head, self._head_bytes, self._headers = True, 0, 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if self._count(len(url)):
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers += 1
+        if self._count(len(name) + len(value) + 4):
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._in_head, self._head_fed = False, 0
+        self._disarm()
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        # What follows is the next request's head; its first byte starts its timer.
+        self._in_head = True
+        super().on_message_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        if not self._refused:
+            super().handle_websocket_upgrade()
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused and not self.transport.is_closing():
+            super().send_400_response(msg)
+
+    def _count(self, size: int) -> bool:
+        """Add to the head's size; False once the request has been refused."""
+        if self._refused:
+            return False
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse(431, f"request head over {MAX_HEAD_BYTES} bytes")
+        elif self._headers > MAX_HEADERS:
+            self._refuse(431, f"over {MAX_HEADERS} request headers")
+        return not self._refused
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        self._refuse(408, f"request head not received within {self.head_timeout_s:g} s")
+
+    def _refuse(self, status: int, reason: str) -> None:
+        self._refused = True
+        self._disarm()
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+        log.info("refused a request from %s: %d %s", client, status, reason)
+        if not self.transport.is_closing():
+            self.transport.write(_plain_response(status, reason + "\n"))
+            self.transport.close()
+
+
+def guarded_http_protocol(head_timeout_s: float) -> type[GuardedHttpProtocol]:
+    class Configured(GuardedHttpProtocol):
+        pass
+
+    Configured.head_timeout_s = head_timeout_s
+    return Configured
+
+
+class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets protocol, closing cleanly where it would not.
+
+    - When websockets refuses the handshake request itself (a header line over
+      its limit, too many headers, a request it cannot parse), uvicorn neither
+      sends websockets' answer nor closes the socket.
+    - A text message that is not UTF-8 is closed with 1007 as it should be,
+      but uvicorn logs a traceback for each one; here it is closed with a reason
+      and nothing is logged (the client's mistake, not the server's).
+    """
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if (
+            not self.handshake_initiated
+            and self.conn.handshake_exc is not None
+            and not self.transport.is_closing()
+        ):
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
+
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            try:
+                b"".join(self.frames).decode()
+            except UnicodeDecodeError:
+                self.frames = []
+                self.conn.send_close(1007, "text message is not valid UTF-8")
+                self.handle_parser_exception()
+                return
+        super().send_receive_event_to_app()
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging, with credentials redacted from every line it writes."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"redact": {"()": RedactSecrets}}
+    for handler in config["handlers"].values():
+        handler["filters"] = ["redact"]
+    return config
+
+
+def server_config(app: FastAPI, settings: GatewaySettings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=guarded_http_protocol(settings.handshake_timeout_s),
+        ws=GuardedWebSocketProtocol,
+        log_config=log_config(),
+        log_level=settings.log_level.lower(),
+        ws_max_size=1 << 20,
+        # Opus does not compress, and permessage-deflate costs ~34 kB of zlib
+        # state per connection that offers it (firmware does not; browsers and
+        # the websockets client do).
+        ws_per_message_deflate=False,
+        ws_ping_interval=30,
+        ws_ping_timeout=60,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=5,
+    )
+
+
 def main() -> None:
     settings = load_settings(GatewaySettings)
     configure_logging(settings.log_level)
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        ws_max_size=1 << 20,
-        ws_ping_interval=30,
-        ws_ping_timeout=60,
-        timeout_graceful_shutdown=5,
-    )
-    DrainingServer(config, app).run()
+    DrainingServer(server_config(app, settings), app).run()

@@ -8,17 +8,36 @@ from typing import Any
 from services.gateway.errors import INVALID_PAYLOAD, ConnectionRejected
 
 MAX_TEXT_BYTES = 64 * 1024
+# Device messages nest a few levels (an MCP payload perhaps ten).
+MAX_JSON_DEPTH = 32
 LISTEN_MODES = ("auto", "manual", "realtime")
 LISTEN_STATES = ("start", "stop", "detect")
 
 
-def parse_message(text: str) -> dict[str, Any]:
+def parse_message(text: str | bytes) -> dict[str, Any]:
+    """A device's JSON message: a text frame, or the payload of a JSON binary frame.
+
+    Anything malformed (too long, not UTF-8, not JSON, nested too deeply, not
+    an object with a string "type") is the device's mistake: it raises
+    ``ConnectionRejected`` with 1007 and a reason, never another exception.
+    """
     if len(text) > MAX_TEXT_BYTES:
         raise ConnectionRejected(INVALID_PAYLOAD, f"text message over {MAX_TEXT_BYTES} bytes")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConnectionRejected(INVALID_PAYLOAD, "JSON message is not valid UTF-8") from None
+    too_deep = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
     try:
         message = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConnectionRejected(INVALID_PAYLOAD, f"text frame is not JSON: {exc.msg}") from None
+    except RecursionError:
+        raise ConnectionRejected(INVALID_PAYLOAD, too_deep) from None
+    # Counting brackets is cheap and rules out deep nesting for nearly every message.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _deeper_than(message, MAX_JSON_DEPTH):
+        raise ConnectionRejected(INVALID_PAYLOAD, too_deep)
     if not isinstance(message, dict):
         raise ConnectionRejected(
             INVALID_PAYLOAD, f"message must be a JSON object (got {type(message).__name__})"
@@ -26,6 +45,18 @@ def parse_message(text: str) -> dict[str, Any]:
     if not isinstance(message.get("type"), str):
         raise ConnectionRejected(INVALID_PAYLOAD, 'message has no string "type"')
     return message
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and objects in a parsed JSON value nest more than ``limit`` levels."""
+    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def hello_reply(session_id: str, sample_rate: int, frame_duration_ms: int) -> dict[str, Any]:
