@@ -262,9 +262,7 @@ async def _receive_loop(
             frame = decode_frame(version, data)
             if frame.type is PayloadType.JSON:
                 guard.text(len(frame.payload))
-                await session.handle_message(
-                    parse_message(frame.payload.decode("utf-8", "replace"))
-                )
+                await session.handle_message(parse_message(frame.payload))
             else:
                 guard.frame()
                 pcm = decoder.decode(frame.payload)
