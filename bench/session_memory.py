@@ -7,6 +7,10 @@ the VAD's resident memory at each step and per session, and whether the VAD
 gives its memory back once the streams are gone.
 
     .venv/bin/python -m bench.session_memory --devices 1000 --speaking 200
+
+``--env NAME=VALUE`` passes a setting to every service, e.g.
+``--env SF_VAD_CHUNK_AUDIO_S=1e9`` for one engine call per VAD tick
+however many streams it steps (the path before ticks were split).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         "SF_GATEWAY_MAX_SESSIONS": str(args.devices + 10),
         "SF_VAD_MAX_STREAMS": str(args.devices + 10),
     }
+    extra.update(dict(item.split("=", 1) for item in args.env))
     cluster = LocalCluster(run_dir, ClusterPorts(), extra_env=extra)
     cluster.start()
     devices: list[SimulatedDevice] = []
@@ -100,6 +105,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     report = {
         "devices": args.devices,
         "speaking": args.speaking,
+        "env": args.env,
         "rss_mb": {step: {k: round(v, 1) for k, v in rss.items()} for step, rss in steps.items()},
         "kb_per_listening_session": per_session_kb("started", "listening", args.devices),
         "kb_per_speaking_session": per_session_kb("listening", "speaking", args.speaking),
@@ -116,6 +122,13 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--speaking", type=int, default=200)
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for every service",
+    )
     args = parser.parse_args()
     report = asyncio.run(main_async(args))
     out = Path(args.out)

@@ -64,10 +64,12 @@ def router(max_backlog: int = 20_000) -> VadRouter:
 
 
 def deliver(client: VadStreamClient) -> list[object]:
-    """Take everything queued on a client, as its sender would."""
+    """Take everything queued on a client, as its sender would, and have the
+    replica acknowledge it all (it has stepped through that audio)."""
     ops: list[object] = []
     while not client._queue.empty():
         ops.append(client._queue.get_nowait())
+    client.ops_done = client.ops_queued
     return ops
 
 
@@ -82,7 +84,7 @@ async def test_a_thousand_sessions_moving_together_stay_within_the_backlog() -> 
     sessions = [Session(f"s{i}", r, directory) for i in range(1000)]
     for s in sessions:
         s.vad.start()
-        s.audio(30)  # 1.8 s each: every move replays up to 2 s
+        s.audio(30)  # 1.8 s each: every move replays 1 s
         for client in r.clients.values():
             deliver(client)
     lost = replica_of(sessions[0])
@@ -109,7 +111,9 @@ async def test_a_full_backlog_sheds_the_stream_and_replays_its_audio_once_there_
     s = Session("shed", r, directory)
     s.vad.start()
     client = replica_of(s)
-    s.audio(45)  # 45 frames into a 40-op backlog: the stream is shed on the way
+    s.audio(30)
+    client.ops_done = 1 + 30  # the replica is through the open and 30 frames, 1.8 s
+    s.audio(15)  # 45 frames into a 40-op backlog: the stream is shed on the way
     assert s.vad._current is None and s.vad.active
     assert r.waiting == 1
     ops = deliver(client)
@@ -119,10 +123,11 @@ async def test_a_full_backlog_sheds_the_stream_and_replays_its_audio_once_there_
     opened = replayed[0]
     assert isinstance(opened, vad_pb2.StreamOpen)
     audio = sum(len(op.pcm) for op in replayed if isinstance(op, vad_pb2.AudioFrame)) // 2
-    # The 40th frame found no room: the replay reaches 2 s behind it (a
-    # speech start not yet reported is found again) and runs to the newest audio.
-    shed_at = 40 * len(FRAME) // 2
-    assert opened.start_sample == shed_at - 2 * SAMPLE_RATE
+    # The 40th frame found no room: the replay reaches 1 s behind the audio
+    # the replica had acknowledged (a speech start not yet reported is found
+    # again) and runs to the newest audio.
+    acknowledged = 30 * len(FRAME) // 2
+    assert opened.start_sample == acknowledged - SAMPLE_RATE
     assert audio == s.cutter.end - opened.start_sample
 
 

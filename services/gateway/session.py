@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Any
 
-from services.common.audio import SAMPLE_RATE
+from services.common.memory import HEAP
 from services.gateway import metrics
 from services.gateway.context import GatewayContext
 from services.gateway.delivery import DeliveryQueue
@@ -35,8 +35,9 @@ from services.protos import vad_pb2
 
 log = logging.getLogger(__name__)
 
-# A listening session's buffer is trimmed once it holds this much.
-TRIM_AFTER = 8 * SAMPLE_RATE
+# Roughly what a connected session holds besides its audio (the ASGI and
+# WebSocket objects, the Opus decoder's 18 kB, bookkeeping).
+SESSION_BYTES = 64_000
 
 
 class DeviceSession:
@@ -146,9 +147,10 @@ class DeviceSession:
                 self._finish_utterance(start, self._cutter.end, "max_length")
         else:
             self.vad.feed(pcm)
-            if self._cutter.end - self._cutter.buffer.start > TRIM_AFTER:
-                # Silence nobody can ask for any more: memory follows speech.
-                self._cutter.buffer.discard_before(self.vad.oldest_needed())
+            # Audio no VAD stream can ask for any more: memory follows speech.
+            # Every frame, as the buffer is a ring (dropping costs nothing), so a
+            # quiet session holds about the look-back plus its replica's lag.
+            self._cutter.buffer.discard_before(self.vad.oldest_needed())
 
     def on_vad_event(self, event: vad_pb2.SpeechEvent) -> None:
         self.vad.on_event(event)
@@ -242,6 +244,11 @@ class DeviceSession:
 
     async def close(self) -> None:
         self.vad.close()
+        # Once enough sessions have gone, collect what they leave (mostly
+        # reference cycles) and give the heap back: an idle gateway would
+        # otherwise keep its peak. The estimate only paces the trims.
+        HEAP.released(SESSION_BYTES + 2 * self._cutter.buffer.capacity)
+        HEAP.trim_soon()
         await self._delivery.wait_idle(self.ctx.settings.asr_timeout_s * 2)
         await self.ctx.store.save_session(
             self.session_id, self.device_id, {"disconnected_at": str(time.time())}

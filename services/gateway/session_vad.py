@@ -18,8 +18,9 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from services.common.audio import SAMPLE_RATE, ms_to_samples
@@ -61,6 +62,11 @@ class _Stream:
     # Speech a lost stream had begun, replayed here but not yet confirmed by
     # this stream's VAD: if this one is lost too, the next replay still starts there.
     carried_start: int | None = None
+    # The newest sample the replica is through with (the stream's origin until
+    # it acknowledges a frame), and (client op number, end sample) of every
+    # frame sent since: see ``SessionVad.oldest_needed``.
+    done_to: int = 0
+    sent: deque[tuple[int, int]] = field(default_factory=deque)
 
 
 @dataclass
@@ -88,6 +94,11 @@ class SessionVad:
         self._directory = directory
         self._cutter = cutter
         self._silence_ms = silence_ms
+        # How far behind what a replica has been through a start it has not
+        # reported may lie: PRE_ROLL covers FSMN-VAD (~0.45 s); Silero confirms
+        # a start only after a pause shorter than the silence window, so it
+        # may report it that much later.
+        self._lookback = max(PRE_ROLL, ms_to_samples(silence_ms) + PRE_ROLL // 2)
         self._on_speech = on_speech
         # Streams still open: a stopped listen period's stream stays until VAD
         # confirms it closed, so its last END is not lost when a new period
@@ -147,15 +158,33 @@ class SessionVad:
 
     def oldest_needed(self) -> int:
         """The oldest sample a stream may still ask for: a speech start the VAD
-        reported or may yet report (it looks back), or a replay's origin."""
-        oldest = self._cutter.end - 2 * PRE_ROLL
+        reported or may yet report, or a replay's origin.
+
+        The VAD reports a start less than the look-back (``PRE_ROLL``, or
+        more for a long silence window) behind the audio it has been through
+        when it finds it, so what a stream may still report lies at most that
+        far before the newest audio its replica has acknowledged. That bound
+        follows the replica's real lag, whatever holds the audio meanwhile:
+        this gateway's queue, the wire, the replica's backlog, or a replay
+        burst being caught up with.
+        """
+        oldest = self._cutter.end - self._lookback
         for stream in self._streams.values():
+            oldest = min(oldest, self._done_to(stream) - self._lookback)
             for start in (stream.speech_start, stream.carried_start):
                 if start is not None:
                     oldest = min(oldest, start)
         if self._want is not None:
             oldest = min(oldest, self._want.replay_from)
         return oldest
+
+    @staticmethod
+    def _done_to(stream: _Stream) -> int:
+        """The newest sample of ``stream`` its replica is through with."""
+        done, sent = stream.client.ops_done, stream.sent
+        while sent and sent[0][0] <= done:
+            stream.done_to = sent.popleft()[1]
+        return stream.done_to
 
     # -- audio -----------------------------------------------------------
 
@@ -169,6 +198,7 @@ class SessionVad:
             return
         self._seq += 1
         stream.client.send(stream.stream_id, self._seq, pcm)
+        stream.sent.append((stream.client.ops_queued, self._cutter.end))
         start = stream.speech_start
         if start is not None and self._cutter.too_long(start):
             stream.speech_start = self._cutter.end
@@ -228,8 +258,9 @@ class SessionVad:
         start = stream.speech_start if stream.speech_start is not None else stream.carried_start
         if start is not None:
             return _Want(start, stream.client, start)
-        # Speech may have begun without its start reaching us yet.
-        floor = max(self._cutter.replay_floor, self._cutter.end - PRE_ROLL)
+        # Speech may have begun without its start reaching us yet: it began
+        # at most the look-back before what the lost replica had been through.
+        floor = max(self._cutter.replay_floor, self._done_to(stream) - self._lookback)
         return _Want(floor, stream.client, None)
 
     # -- opening ---------------------------------------------------------
@@ -277,7 +308,7 @@ class SessionVad:
         self._count += 1
         # The replay finds the speech start again; it is not carried over, so a
         # start the new replica does not confirm cannot leave a segment open.
-        stream = _Stream(f"{self._session_id}/{self._count}", client)
+        stream = _Stream(f"{self._session_id}/{self._count}", client, done_to=origin)
         stream.carried_start = want.speech_start
         self._streams[stream.stream_id] = stream
         self._current = stream
@@ -287,6 +318,7 @@ class SessionVad:
         for offset in range(0, len(replay), step):
             self._seq += 1
             client.send(stream.stream_id, self._seq, replay[offset : offset + step])
+            stream.sent.append((client.ops_queued, origin + min(offset + step, len(replay)) // 2))
         return True
 
     def _drop_want(self) -> _Want | None:

@@ -16,9 +16,13 @@ from services.common.audio import SAMPLE_RATE, loudest_frame_dbfs, ms_to_samples
 from services.gateway import metrics
 from services.gateway.audio_buffer import UtteranceBuffer
 
-# What the buffer keeps behind an utterance's start: the VAD reports a start
-# up to this far back, and a replay to a new replica looks back as far.
-PRE_ROLL = 2 * SAMPLE_RATE
+# How far behind the newest audio a VAD replica has been through a speech
+# start it has not reported yet may lie (its detector reports a start once
+# 150 ms of a 200 ms window are speech and places it ~0.4 s back, so 1 s
+# leaves a margin). A listening session keeps this much behind what its
+# replica acknowledged, and a replay to a new replica looks back as far
+# behind what the lost one had acknowledged (``SessionVad``).
+PRE_ROLL = SAMPLE_RATE
 
 
 @dataclass(frozen=True)

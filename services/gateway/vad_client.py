@@ -79,6 +79,19 @@ class VadStreamClient:
         # acknowledged on the current connection.
         self._unacked: deque[tuple[int, float]] = deque()
         self._last_ack = 0.0
+        # How far behind the replica is, in operations: every op queued here
+        # is numbered (``ops_queued`` after it), and ``ops_done`` counts those
+        # the replica is through with (acknowledged; the server acknowledges a
+        # batch once it has stepped all audio read before it) or that are moot
+        # (their connection is gone). A session compares the number after each
+        # of its frames with ``ops_done`` to know how much of its audio the VAD
+        # may still report speech in, queued here, on the wire or in the
+        # replica's backlog (``SessionVad.oldest_needed``).
+        self.ops_queued = 0
+        self.ops_done = 0
+        self._ops_taken = 0
+        # (batch, ops taken through it) of every request not yet acknowledged.
+        self._ops_in_flight: deque[tuple[int, int]] = deque()
         # After a stall, sessions go elsewhere for a while even once the
         # replica reconnects: a stuck detector still accepts connections.
         self._avoid_until = 0.0
@@ -117,6 +130,7 @@ class VadStreamClient:
 
     def _put(self, op: _Op) -> None:
         self._queue.put_nowait(op)
+        self.ops_queued += 1
         self._backlog.set(self._queue.qsize())
 
     # -- connection ------------------------------------------------------
@@ -130,6 +144,7 @@ class VadStreamClient:
             try:
                 stub = vad_pb2_grpc.VadStub(channel)
                 self._unacked = deque()
+                self._ops_in_flight = deque()
                 self._last_ack = time.monotonic()
                 call = stub.Stream(self._requests(self._queue), wait_for_ready=True)
                 await asyncio.wait_for(call.wait_for_connection(), self._connect_timeout_s)
@@ -161,11 +176,14 @@ class VadStreamClient:
             # replayed opens of many sessions) to the dead call and leave
             # those sessions without a VAD stream.
             self._retire_queue()
+            moot = self._ops_taken
             if was_connected:
                 VAD_RECONNECTS.inc()
             # What was queued for this attempt is gone with it; the sessions
-            # re-open and replay what they need.
+            # re-open and replay what they need (measured against how far
+            # this connection got, so ``ops_done`` moves on only after).
             self._report_lost()
+            self.ops_done = max(self.ops_done, moot)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
@@ -222,6 +240,8 @@ class VadStreamClient:
             self._last_ack = time.monotonic()
         while self._unacked and self._unacked[0][0] <= batch:
             self._unacked.popleft()
+        while self._ops_in_flight and self._ops_in_flight[0][0] <= batch:
+            self.ops_done = max(self.ops_done, self._ops_in_flight.popleft()[1])
 
     def _report_lost(self) -> None:
         try:
@@ -233,7 +253,8 @@ class VadStreamClient:
     def _retire_queue(self) -> None:
         old, self._queue = self._queue, asyncio.Queue()
         while not old.empty():
-            old.get_nowait()
+            if old.get_nowait() is not _RETIRED:
+                self._ops_taken += 1  # never sent: numbered as taken, and moot
         old.put_nowait(_RETIRED)
         self._backlog.set(0)
 
@@ -260,6 +281,8 @@ class VadStreamClient:
             self._backlog.set(queue.qsize())
             request = _pack(ops)
             request.batch = next(numbers)
+            self._ops_taken += len(ops)
+            self._ops_in_flight.append((request.batch, self._ops_taken))
             if request.frames:
                 self._unacked.append((request.batch, time.monotonic()))
             yield request

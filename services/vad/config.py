@@ -28,8 +28,18 @@ class VadSettings(ServiceSettings):
     )
     tick_ms: int = Field(60, ge=10, le=1000, description="How often all streams advance together.")
     max_streams: int = Field(4000, ge=1, description="Live streams per replica before refusing.")
+    # As long as the backlog allowed: every tick then steps all the audio read
+    # before it, so an acknowledged batch is one the detector went through
+    # (the gateway keeps what may still be reported by that). Memory is
+    # bounded by chunk_audio_s, not by this.
     max_step_s: float = Field(
-        2.0, gt=0, description="Audio per stream advanced in one tick (bounds a step's memory)."
+        10.0, gt=0, description="Audio per stream advanced in one tick (a backlog catches up)."
+    )
+    chunk_audio_s: float = Field(
+        8.0,
+        gt=0,
+        description="Audio, summed over streams, per engine call; a tick makes as many calls "
+        "as its streams need, so its working memory stays bounded however many catch up.",
     )
     max_backlog_s: float = Field(
         10.0, gt=0, description="Unprocessed audio per stream before it is failed."

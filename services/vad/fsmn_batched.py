@@ -30,6 +30,8 @@ from services.vad.fsmn_endpoint import EndpointConfig, EndpointDetector
 from services.vad.fsmn_features import FeatureState, OnlineLfrFrontend
 
 _EMPTY = np.zeros(0, dtype=np.float32)
+# Stream slots allocated at least (and the first allocation).
+MIN_CAPACITY = 16
 
 
 @dataclass
@@ -45,9 +47,15 @@ class _Stream:
 class BatchedFsmnVadEngine:
     """Not thread-safe, by design: only the inference thread calls it (see ``VadEngine``).
 
-    ``open`` hands out the slot ``close`` freed last, and ``_grow`` replaces
+    ``open`` hands out the slot ``close`` freed last, ``_grow`` replaces
     the encoder and detector arrays a running ``step`` gathers from and
-    scatters into.
+    scatters into, and ``_shrink`` (from ``close``) moves every live stream
+    to another slot.
+
+    Capacity follows the live streams both ways: it doubles when full and,
+    once no more than a quarter of it is live, halves or more (to twice the
+    live count). An encoder slot holds ~39 kB of FSMN memory, so a replica
+    that once held a thousand streams would otherwise keep ~40 MB for good.
     """
 
     name = "fsmn"
@@ -88,12 +96,37 @@ class BatchedFsmnVadEngine:
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
             self._free.append(stream.slot)
+            if self._capacity > MIN_CAPACITY and len(self._streams) <= self._capacity // 4:
+                self._shrink()
+
+    @property
+    def capacity(self) -> int:
+        """Stream slots allocated now."""
+        return self._capacity
 
     def _grow(self) -> None:
-        old, new = self._capacity, max(16, self._capacity * 2)
+        old, new = self._capacity, max(MIN_CAPACITY, self._capacity * 2)
         self._encoder.ensure_capacity(new)
         self._detector.ensure_capacity(new)
         self._free.extend(range(new - 1, old - 1, -1))
+        self._capacity = new
+
+    def _shrink(self) -> None:
+        """Live streams to the lowest slots, in slot order (streams opened
+        together stay consecutive, which the encoder's fast path needs), and
+        the arrays cut to twice the live count."""
+        live = sorted(self._streams.values(), key=lambda s: s.slot)
+        new = MIN_CAPACITY
+        while new < 2 * len(live):
+            new *= 2
+        if new >= self._capacity:
+            return
+        slots = np.array([s.slot for s in live], dtype=np.int64)
+        self._encoder.compact(slots, new)
+        self._detector.compact(slots, new)
+        for slot, stream in enumerate(live):
+            stream.slot = slot
+        self._free = list(range(new - 1, len(live) - 1, -1))
         self._capacity = new
 
     def step(self, chunks: Mapping[str, np.ndarray], final: Collection[str]) -> list[VadEvent]:

@@ -67,6 +67,18 @@ class BatchedFsmnEncoder:
             )
             self._cache = torch.cat([self._cache, grow])
 
+    def compact(self, slots: np.ndarray, capacity: int) -> None:
+        """Keep only ``slots``' memories, moved to slots ``0..len(slots)-1`` in that
+        order, in storage for ``capacity`` slots (the rest zero)."""
+        kept = torch.zeros(capacity, self._layers, self._proj, self._memory, device=self._device)
+        if slots.size:
+            kept[: slots.size] = self._cache[torch.from_numpy(slots).to(self._device)]
+        self._cache = kept
+
+    @property
+    def capacity(self) -> int:
+        return int(self._cache.shape[0])
+
     def reset(self, slot: int) -> None:
         self._cache[slot] = 0.0
 

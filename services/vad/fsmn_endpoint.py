@@ -93,6 +93,23 @@ class EndpointDetector:
         self._lookback = np.concatenate([self._lookback, np.zeros(grow, np.int64)])
         self._capacity = capacity
 
+    def compact(self, slots: np.ndarray, capacity: int) -> None:
+        """Keep only ``slots``' state, moved to slots ``0..len(slots)-1`` in that
+        order, in arrays of ``capacity`` rows."""
+        n = slots.size
+
+        def kept(array: np.ndarray) -> np.ndarray:
+            out = np.zeros((capacity, *array.shape[1:]), dtype=array.dtype)
+            out[:n] = array[slots]
+            return out
+
+        self._win = kept(self._win)
+        self._ints = kept(self._ints)
+        self._bools = kept(self._bools)
+        self._end_thresh_ms = kept(self._end_thresh_ms)
+        self._lookback = kept(self._lookback)
+        self._capacity = capacity
+
     def reset(self, slot: int, silence_ms: int) -> None:
         self._win[slot] = 0
         self._ints[slot] = 0

@@ -12,6 +12,7 @@ import grpc
 from services.common.config import load_settings
 from services.common.grpc_service import configure_logging, run_grpc_service
 from services.common.inference import InferenceThread
+from services.common.memory import limit_arenas
 from services.protos import vad_pb2, vad_pb2_grpc
 from services.vad.config import VadSettings
 from services.vad.engine import VadEngine
@@ -94,6 +95,9 @@ def _response(items: list[vad_pb2.SpeechEvent | int]) -> vad_pb2.VadResponse:
 def main() -> None:
     settings = load_settings(VadSettings)
     configure_logging(settings.log_level)
+    # The inference thread and gRPC's threads would each keep a tick's worth
+    # of freed memory in an arena of their own.
+    limit_arenas(2)
     inference = InferenceThread("vad")
     engine = inference.call(build_engine, settings)
     table = StreamTable(
@@ -104,6 +108,7 @@ def main() -> None:
         max_streams=settings.max_streams,
         max_backlog_s=settings.max_backlog_s,
         max_step_s=settings.max_step_s,
+        chunk_audio_s=settings.chunk_audio_s,
     )
 
     async def start() -> None:

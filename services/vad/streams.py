@@ -2,9 +2,24 @@
 
 Every gRPC connection (one per gateway) owns the streams it opened; a stream
 is keyed by (connection, stream id), so no connection can touch another's
-detector. Each tick, every stream with new audio (or a pending flush) goes
-into one engine step on the inference thread, and the resulting events are
-routed back to the owning connection.
+detector. Each tick steps every stream with new audio (or a pending flush)
+on the inference thread, and the resulting events are routed back to the
+owning connection.
+
+A tick's memory is bounded by ``chunk_audio_s``, not by how many streams it
+steps: the engine is called once per group of streams whose new audio adds
+up to about that much, each group going end to end (features, encoder,
+detector) before the next, so a tick after a stall, when every stream
+brings up to ``max_step_s``, costs a few groups' working memory, not a
+thousand streams' at once. Pending audio waits as 16-bit samples and becomes
+float only inside its group, on the inference thread.
+
+A connection's request batch is acknowledged once every one of its streams
+has been stepped through the audio it had when the batch was read (with
+``max_step_s`` at least ``max_backlog_s``, the defaults, that is the tick
+after it was read), so the gateway can tell how far behind a replica is and
+how much audio it must keep to cut or replay what the replica may still
+report.
 
 The engine belongs to the inference thread (see ``VadEngine``): the event loop
 never calls it. Opens and closes are only recorded here, in the order they
@@ -27,8 +42,9 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from services.common import metrics
-from services.common.audio import SAMPLE_RATE, pcm16_to_float, samples_to_ms
+from services.common.audio import BYTES_PER_SAMPLE, SAMPLE_RATE, samples_to_ms
 from services.common.inference import InferenceThread
+from services.common.memory import HeapTrimmer
 from services.common.tasks import cancel_and_wait
 from services.protos import vad_pb2
 from services.vad.engine import VadEngine, VadEvent
@@ -63,22 +79,70 @@ class _Close:
 _Change = _Open | _Close
 
 
+@dataclass(frozen=True)
+class _Work:
+    """One stream's share of a tick: its new audio (16-bit) and whether it ends."""
+
+    engine_id: str
+    pieces: list[np.ndarray]
+    samples: int
+    final: bool
+
+
+# What a tick reports to the heap trimmer as freed: the working memory of an
+# FSMN-VAD step per sample of new audio (frames, spectra, LFR rows, encoder
+# activations; measured at ~1 MB per second of audio), and the state of a
+# closed stream (its ~39 kB of encoder memory, once the engine shrinks).
+_WORK_BYTES_PER_SAMPLE = 64
+_STREAM_BYTES = 40_000
+
+
+def _groups(work: list[_Work], chunk_samples: int) -> list[list[_Work]]:
+    """Consecutive runs of streams whose new audio adds up to ``chunk_samples`` at most
+    (a single stream over it goes alone)."""
+    groups: list[list[_Work]] = []
+    group: list[_Work] = []
+    total = 0
+    for item in work:
+        if group and total + item.samples > chunk_samples:
+            groups.append(group)
+            group, total = [], 0
+        group.append(item)
+        total += item.samples
+    if group:
+        groups.append(group)
+    return groups
+
+
+def _as_float(pieces: list[np.ndarray]) -> np.ndarray:
+    samples = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    return samples.astype(np.float32) / 32768.0
+
+
 def _apply_then_step(
     engine: VadEngine,
     changes: list[_Change],
-    chunks: dict[str, np.ndarray],
-    final: list[str],
+    work: list[_Work],
+    chunk_samples: int,
+    trimmer: HeapTrimmer,
 ) -> list[VadEvent]:
     """Runs on the inference thread: the opens and closes asked for since the
-    previous tick, in order, then one step of every stream with work."""
+    previous tick, in order, then every stream with work, one group of
+    streams per engine step (see the module docstring)."""
     for change in changes:
         if isinstance(change, _Open):
             engine.open(change.engine_id, change.silence_ms)
         else:
             engine.close(change.engine_id)
-    if not chunks and not final:
-        return []
-    return engine.step(chunks, final)
+            trimmer.released(_STREAM_BYTES)
+    events: list[VadEvent] = []
+    for group in _groups(work, chunk_samples):
+        chunks = {w.engine_id: _as_float(w.pieces) for w in group if w.pieces}
+        final = [w.engine_id for w in group if w.final]
+        events += engine.step(chunks, final)
+    trimmer.released(sum(w.samples for w in work) * _WORK_BYTES_PER_SAMPLE)
+    trimmer.maybe_trim()
+    return events
 
 
 @dataclass
@@ -107,7 +171,9 @@ class StreamTable:
         tick_ms: int,
         max_streams: int,
         max_backlog_s: float,
-        max_step_s: float = 2.0,
+        max_step_s: float = 10.0,
+        chunk_audio_s: float = 8.0,
+        trimmer: HeapTrimmer | None = None,
     ) -> None:
         self._engine = engine
         self._inference = inference
@@ -116,6 +182,9 @@ class StreamTable:
         self._max_streams = max_streams
         self._max_backlog = int(max_backlog_s * SAMPLE_RATE)
         self._max_step = int(max_step_s * SAMPLE_RATE)
+        self._chunk = max(1, int(chunk_audio_s * SAMPLE_RATE))
+        # Gives back the heap ticks used, every few seconds at most.
+        self._trimmer = trimmer or HeapTrimmer(min_interval_s=2.0, min_released_bytes=32 << 20)
         self._streams: dict[tuple[int, str], _Stream] = {}
         # Opens and closes not yet applied to the engine, in request order.
         self._changes: list[_Change] = []
@@ -165,11 +234,16 @@ class StreamTable:
         if frame.seq <= stream.last_seq:
             self._drop(stream, "bad_seq", f"frame seq {frame.seq} after {stream.last_seq}")
             return
-        try:
-            samples = pcm16_to_float(frame.pcm)
-        except ValueError as exc:
-            self._drop(stream, "bad_pcm", str(exc))
+        pcm = frame.pcm
+        if len(pcm) % BYTES_PER_SAMPLE:
+            self._drop(
+                stream,
+                "bad_pcm",
+                f"PCM length {len(pcm)} is not a whole number of 16-bit samples",
+            )
             return
+        # Kept as 16-bit until its tick: half the memory of float while it waits.
+        samples = np.frombuffer(pcm, dtype="<i2")
         stream.last_seq = frame.seq
         stream.pending.append(samples)
         stream.pending_samples += samples.size
@@ -216,7 +290,7 @@ class StreamTable:
             await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
 
     async def tick(self) -> None:
-        """One engine step for every stream with work, after the pending opens and closes.
+        """Step every stream with work (in groups), after the pending opens and closes.
 
         Ticks are serialised: a second call waits until the first has routed
         its events, so a flush is never stepped twice and a step's streams
@@ -227,35 +301,47 @@ class StreamTable:
 
     async def _tick(self) -> None:
         received = dict(self._received)
-        await self._step()
+        behind = await self._step()
         for conn, (outbox, batch) in received.items():
+            if conn in behind:
+                # Some of its audio is still waiting: the batch is not done yet.
+                continue
             if conn in self._received and batch > self._acked.get(conn, 0):
                 self._acked[conn] = batch
                 self._send(outbox, batch)
 
-    async def _step(self) -> None:
-        chunks: dict[str, np.ndarray] = {}
-        final: list[str] = []
+    async def _step(self) -> set[int]:
+        """Step every stream with work; returns the connections that have some
+        of the audio they had before the step still pending (over ``max_step``)."""
+        work: list[_Work] = []
+        behind: set[int] = set()
         stepped: dict[str, _Stream] = {}
         for stream in self._streams.values():
             if not stream.pending and not stream.flush:
                 continue
             engine_id = self.engine_id(stream.key)
+            pieces = self._take(stream) if stream.pending else []
             if stream.pending:
-                chunks[engine_id] = self._take(stream)
+                behind.add(stream.key[0])
             # A flush applies once everything before it has been stepped.
-            if stream.flush and not stream.pending:
-                final.append(engine_id)
+            final = stream.flush and not stream.pending
+            work.append(_Work(engine_id, pieces, sum(p.size for p in pieces), final))
             stepped[engine_id] = stream
         changes, self._changes = self._changes, []
         if not stepped and not changes:
-            return
+            if self._trimmer.due():
+                # Quiet now (streams gone, say): give back what the last
+                # ticks freed, on the thread whose arena holds it.
+                await self._inference.run(self._trimmer.maybe_trim)
+            return behind
         started = time.monotonic()
-        events = await self._inference.run(_apply_then_step, self._engine, changes, chunks, final)
+        events = await self._inference.run(
+            _apply_then_step, self._engine, changes, work, self._chunk, self._trimmer
+        )
         if stepped:
             metrics.MODEL_SECONDS.labels("vad").observe(time.monotonic() - started)
             metrics.BATCH_SIZE.labels("vad").observe(len(stepped))
-            audio = sum(c.size for c in chunks.values())
+            audio = sum(w.samples for w in work)
             metrics.AUDIO_SECONDS.labels("vad").inc(audio / SAMPLE_RATE)
         for event in events:
             owner = stepped.get(event.stream_id)
@@ -278,8 +364,10 @@ class StreamTable:
                     seq=max(owner.last_seq, 0),
                 ),
             )
-        for engine_id in final:
-            closed = stepped[engine_id]
+        for item in work:
+            if not item.final:
+                continue
+            closed = stepped[item.engine_id]
             if not self._is_live(closed):
                 continue
             self._send(
@@ -289,18 +377,28 @@ class StreamTable:
                 ),
             )
             self._forget(closed.key)
+        return behind
 
-    def _take(self, stream: _Stream) -> np.ndarray:
-        """A stream's pending audio, at most ``max_step`` samples of it.
+    def _take(self, stream: _Stream) -> list[np.ndarray]:
+        """A stream's pending audio, at most ``max_step`` samples of it, in order.
 
-        A replica that fell behind catches up over several ticks instead of in
-        one huge step, so the memory of a step stays bounded however far
-        behind it is.
+        A stream that fell behind catches up over several ticks instead of in
+        one huge step. The pieces are handed over as they are (no copy here,
+        on the event loop); the group they are stepped in joins them.
         """
-        audio = stream.pending[0] if len(stream.pending) == 1 else np.concatenate(stream.pending)
-        taken, rest = audio[: self._max_step], audio[self._max_step :]
-        stream.pending = [rest] if rest.size else []
-        stream.pending_samples = rest.size
+        taken: list[np.ndarray] = []
+        room = self._max_step
+        pending = stream.pending
+        while pending and room > 0:
+            piece = pending[0]
+            if piece.size <= room:
+                taken.append(pending.pop(0))
+                room -= piece.size
+            else:
+                taken.append(piece[:room])
+                pending[0] = piece[room:]
+                room = 0
+        stream.pending_samples -= self._max_step - room
         return taken
 
     def _drop(self, stream: _Stream, reason: str, detail: str) -> None:
