@@ -80,6 +80,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         ]
         for start in range(0, len(devices), 50):
             await asyncio.gather(*(d.connect() for d in devices[start : start + 50]))
+        steps["connected"] = await settle(cluster)
         await asyncio.gather(*(d.listen("start", "auto") for d in devices))
         quiet = devices[0].encode(np.zeros(16_000 * 2, dtype=np.float32))  # 2 s
         await send_rounds(devices, quiet, 0.06)
@@ -107,6 +108,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         "speaking": args.speaking,
         "env": args.env,
         "rss_mb": {step: {k: round(v, 1) for k, v in rss.items()} for step, rss in steps.items()},
+        "kb_per_connected_session": per_session_kb("started", "connected", args.devices),
         "kb_per_listening_session": per_session_kb("started", "listening", args.devices),
         "kb_per_speaking_session": per_session_kb("listening", "speaking", args.speaking),
         "mb_kept_after_close": {
