@@ -117,12 +117,14 @@ async def test_backend_reply_reaches_only_its_device(
     await b.close()
 
 
-async def test_new_asr_replica_takes_requests_within_connection_age(
+async def test_new_asr_replica_takes_requests_within_seconds_of_starting(
     replicated: LocalCluster,
 ) -> None:
     talkers = [device(replicated, f"scale-{i}") for i in range(4)]
     await asyncio.gather(*(d.connect() for d in talkers))
-    load = asyncio.gather(*(d.speak_auto([clip(i), clip(i + 1), clip(i + 2)], gap_s=1.0)
+    # Sentences keep coming for about 16 s: the replica starts (seconds, loading
+    # its model) and joins the rotation at its next health check meanwhile.
+    load = asyncio.gather(*(d.speak_auto([clip(i + k) for k in range(6)], gap_s=1.0, timeout=60)
                             for i, d in enumerate(talkers)))  # fmt: skip
     started = time.monotonic()
     await asyncio.to_thread(replicated.respawn, "asr-2")
@@ -134,8 +136,8 @@ async def test_new_asr_replica_takes_requests_within_connection_age(
 
     await wait_for(served, 15, "new asr replica got no request within 15 s")
     results = await load
-    assert time.monotonic() - started < 40
-    assert all(len(r) == 3 for r in results)
+    assert time.monotonic() - started < 60
+    assert all(len(r) == 6 for r in results)
 
 
 async def test_compute_and_vad_replica_losses_lose_no_utterance(replicated: LocalCluster) -> None:
