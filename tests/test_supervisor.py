@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from services.cluster import Backoff, Supervisor, free_port
+from services.cluster import free_port
 from services.front import Front
+from services.supervisor import Backoff, Supervisor
 
 
 def test_backoff_doubles_from_one_second_up_to_thirty() -> None:
