@@ -340,11 +340,14 @@ async def test_a_device_connecting_through_another_gateway_closes_its_old_connec
         return SimulatedDevice(DeviceConfig(url=url, token=DEVICE_TOKEN, device_id="moving"))
 
     old, new = direct(first_gw.port), direct(second_gw.port)
+    route = lambda: store.hget("sf:device:moving", "session_id")  # noqa: E731
     await old.connect()
+    # The device's route is how the second gateway finds the first session.
+    await wait_for(lambda: route() == old.session_id, 5, "sf:device names the first session")
     await new.connect()
     code, reason = await old.wait_closed(10)
     assert code == 1000 and "replaced" in reason
-    assert store.hget("sf:device:moving", "session_id") == new.session_id
+    await wait_for(lambda: route() == new.session_id, 5, "sf:device names the new session")
     [result] = await new.speak_auto([clip(1)])
     assert_right_text(result, SENTENCES[1])
     await new.close()
