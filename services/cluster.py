@@ -48,11 +48,21 @@ LITE_PROFILE = {
 }
 
 
+# Ports this process has handed out: the OS may offer a port again as soon as
+# the probing socket closes, before the process it was meant for has bound it,
+# and two services on one port would answer each other's health checks.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    for _ in range(1000):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no unused port found")
 
 
 def port_free(host: str, port: int) -> bool:
@@ -108,9 +118,13 @@ def probe_grpc(port: int, timeout: float = 1.0) -> bool:
 
 
 def probe_http(url: str, timeout: float = 1.0) -> bool:
+    """200 from ``url``; for a ``/readyz`` also a gateway's answer (a metrics
+    server on the same port would say 200 to any path)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as reply:
-            return bool(reply.status == 200)
+            if reply.status != 200:
+                return False
+            return not url.endswith("/readyz") or b'"ready":true' in reply.read(4096)
     except OSError:
         return False
 
