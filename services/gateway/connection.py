@@ -252,7 +252,10 @@ async def _receive_loop(
         if remaining <= 0:
             raise ConnectionRejected(GOING_AWAY, f"idle for {idle_timeout_s:.0f} s")
         try:
-            raw = await asyncio.wait_for(websocket.receive(), remaining)
+            # A deadline on this await, not wait_for: that would wrap every
+            # frame's receive in a task of its own.
+            async with asyncio.timeout(remaining):
+                raw = await websocket.receive()
         except TimeoutError:
             continue  # the loop decides: a backend reply may have kept it active
         if raw["type"] == "websocket.disconnect":
