@@ -15,13 +15,17 @@ often, or they answer GOAWAY ``too_many_pings``.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 
 import grpc
 
 from services.common.grpc_service import MAX_MESSAGE_BYTES
 
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+log = logging.getLogger(__name__)
 
 KEEPALIVE_TIME_MS = 5_000
 KEEPALIVE_TIMEOUT_MS = 4_000
@@ -69,3 +73,19 @@ def open_channel(target: str) -> grpc.aio.Channel:
             ("grpc.max_reconnect_backoff_ms", 5000),
         ],
     )
+
+
+async def close_channel(channel: grpc.aio.Channel, grace: float | None = None) -> None:
+    """Close a channel, giving up after ``grace`` plus a few seconds.
+
+    grpc's aio close waits for the calls it cancels to finish; one stuck in
+    the core would otherwise hold a stop (or a gateway's shutdown) forever.
+    """
+    limit = (grace or 0.0) + 5.0
+    try:
+        async with asyncio.timeout(limit):
+            await channel.close(grace)
+    except TimeoutError:
+        log.warning("a gRPC channel did not close within %.0f s; left to the collector", limit)
+    except Exception as exc:  # a channel already broken is as good as closed
+        log.debug("closing a gRPC channel failed: %s", exc)

@@ -37,7 +37,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Counter, Gauge
 
-from services.common.grpc_client import open_channel
+from services.common.grpc_client import close_channel, open_channel
 from services.common.tasks import cancel_and_wait
 from services.gateway.targets import parse_target, resolve
 
@@ -285,7 +285,7 @@ class ReplicaPool(Generic[StubT]):
         self._prober = self._refresher = None
         for replica in self._replicas.values():
             await cancel_and_wait(replica.probe)
-        await asyncio.gather(*(r.channel.close() for r in self._replicas.values()))
+        await asyncio.gather(*(close_channel(r.channel) for r in self._replicas.values()))
         await asyncio.gather(*self._closing, return_exceptions=True)
         self._replicas.clear()
 
@@ -342,7 +342,7 @@ class ReplicaPool(Generic[StubT]):
             replica = self._replicas.pop(address)
             if replica.probe is not None:
                 replica.probe.cancel()
-            task = asyncio.create_task(replica.channel.close(self.options.close_grace_s))
+            task = asyncio.create_task(close_channel(replica.channel, self.options.close_grace_s))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
         HEALTHY.labels(self.service).set(self.healthy_count)

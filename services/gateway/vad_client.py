@@ -16,7 +16,6 @@ owners re-pin.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -27,8 +26,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Counter, Gauge
 
-from services.common.grpc_client import open_channel
-from services.common.tasks import cancel_and_wait
+from services.common.grpc_client import close_channel, open_channel
+from services.common.tasks import being_cancelled, cancel_and_wait
 from services.protos import vad_pb2, vad_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -158,7 +157,7 @@ class VadStreamClient:
                         self._dispatch(event)
                 log.warning("VAD stream to %s ended by the server", self.target)
             except asyncio.CancelledError:
-                if watchdog is None or not watchdog.done() or watchdog.cancelled():
+                if being_cancelled() or watchdog is None or not watchdog.done():
                     raise
                 # The watchdog cancelled the call: the replica is stalled.
                 log.warning("VAD replica %s stopped answering; stream abandoned", self.target)
@@ -168,8 +167,7 @@ class VadStreamClient:
             finally:
                 self.connected.clear()
                 await cancel_and_wait(watchdog)
-                with contextlib.suppress(Exception):
-                    await channel.close(grace=None)
+                await close_channel(channel)
             # Each connection attempt reads its own queue. grpc keeps polling
             # the request generator of a call the server ended, so a shared
             # queue would hand the next connection's first message (the
