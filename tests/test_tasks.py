@@ -43,3 +43,21 @@ async def test_a_caller_cancelled_while_it_waits_stays_cancelled() -> None:
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(stopper, 5)
     assert stopper.cancelled()
+
+
+async def test_a_task_that_will_not_unwind_is_left_after_the_limit() -> None:
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():  # ignores cancellation, as a stuck library call can
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_and_wait(task, limit_s=0.1), 5)
+    assert not task.done()
+    release.set()
+    await asyncio.wait_for(task, 5)

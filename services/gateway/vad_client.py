@@ -106,7 +106,8 @@ class VadStreamClient:
         self._task = asyncio.create_task(self._run(), name=f"vad-stream-{self.target}")
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._task)
+        # grpc may not let a wait on a dead replica go at once; a stop must return.
+        await cancel_and_wait(self._task, limit_s=5.0)
 
     # -- operations (never raise) ------------------------------------------
 
