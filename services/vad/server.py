@@ -43,6 +43,12 @@ class VadServicer(vad_pb2_grpc.VadServicer):
     def __init__(self, table: StreamTable) -> None:
         self._table = table
         self._connections = itertools.count(1)
+        self._closing = asyncio.Event()
+
+    def close_streams(self) -> None:
+        """End every gateway's stream now (shutdown): each gateway moves its
+        sessions to another replica at once instead of hearing nothing."""
+        self._closing.set()
 
     async def Stream(
         self,
@@ -52,20 +58,28 @@ class VadServicer(vad_pb2_grpc.VadServicer):
         conn = next(self._connections)
         outbox: Outbox = asyncio.Queue(maxsize=OUTBOX_LIMIT)
         reader = asyncio.create_task(self._read(conn, outbox, request_iterator))
+        closing = asyncio.ensure_future(self._closing.wait())
         try:
             while not (reader.done() and outbox.empty()):
                 getter = asyncio.ensure_future(outbox.get())
-                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {getter, reader, closing}, return_when=asyncio.FIRST_COMPLETED
+                )
                 if getter not in done:
                     getter.cancel()
+                    if closing.done():
+                        break
                     continue
                 items = [getter.result()]
                 while not outbox.empty() and len(items) < 1024:
                     items.append(outbox.get_nowait())
                 yield _response(items)
-            if reader.exception() is not None:
+                if closing.done():
+                    break
+            if reader.done() and not reader.cancelled() and reader.exception() is not None:
                 log.warning("VAD connection %d failed: %s", conn, reader.exception())
         finally:
+            closing.cancel()
             reader.cancel()
             self._table.drop_connection(conn)
 
@@ -114,14 +128,17 @@ def main() -> None:
     async def start() -> None:
         table.start()
 
+    servicer = VadServicer(table)
+
     async def stop() -> None:
+        servicer.close_streams()
         await table.stop()
 
     asyncio.run(
         run_grpc_service(
             "speechfront.vad.v1.Vad",
             settings,
-            lambda server: vad_pb2_grpc.add_VadServicer_to_server(VadServicer(table), server),
+            lambda server: vad_pb2_grpc.add_VadServicer_to_server(servicer, server),
             start,
             stop,
         )
