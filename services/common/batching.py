@@ -39,6 +39,10 @@ class DeadlineExpiredError(Exception):
     """The request's deadline passed before the model could run it."""
 
 
+class ShuttingDownError(Exception):
+    """The batcher is stopping: the request should go to another replica."""
+
+
 # Weight of the newest batch in the running mean of batch time.
 _BATCH_TIME_SMOOTHING = 0.2
 
@@ -90,6 +94,7 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
         self._waiting: deque[_Waiting[RequestT, ResultT]] = deque()
         self._arrived = asyncio.Event()
         self._consumer: asyncio.Task[None] | None = None
+        self._stopping = False
         self._in_flight = 0
         # Smoothed wall time of one model call; None until the first completes.
         self._batch_seconds: float | None = None
@@ -115,8 +120,15 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
         if self._consumer is None:
             self._consumer = asyncio.create_task(self._consume(), name=f"{self._service}-batcher")
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     async def stop(self, drain_timeout: float = 10.0) -> None:
-        """Let queued and running batches finish (bounded), then stop consuming."""
+        """Refuse new requests, let queued and running batches finish (bounded),
+        then stop consuming; what is still queued at the cut-off fails with
+        ``ShuttingDownError`` (UNAVAILABLE: the caller retries elsewhere)."""
+        self._stopping = True
         deadline = time.monotonic() + drain_timeout
         while (self._waiting or self._in_flight) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -124,10 +136,15 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
         self._consumer = None
         for item in self._waiting:
             if not item.future.done():
-                item.future.set_exception(QueueFullError("server is shutting down"))
+                metrics.REQUESTS.labels(self._service, "rejected").inc()
+                item.future.set_exception(ShuttingDownError("server is shutting down"))
         self._waiting.clear()
+        metrics.QUEUE_DEPTH.labels(self._service).set(0)
 
     async def submit(self, request: RequestT, timeout: float | None = None) -> Batched[ResultT]:
+        if self._stopping:
+            metrics.REQUESTS.labels(self._service, "rejected").inc()
+            raise ShuttingDownError(f"{self._service} is shutting down")
         if len(self._waiting) >= self._limits.max_queue:
             metrics.REQUESTS.labels(self._service, "rejected").inc()
             raise QueueFullError(f"{self._service} queue is full ({self._limits.max_queue})")

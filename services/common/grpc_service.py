@@ -58,10 +58,17 @@ async def run_grpc_service(
     start: Callable[[], Awaitable[None]],
     stop: Callable[[], Awaitable[None]],
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then report NOT_SERVING and drain.
+    """Serve until SIGTERM/SIGINT, then stop taking work and drain.
 
-    ``start`` runs before the port reports SERVING (models loaded and warm);
-    ``stop`` finishes in-flight work before the server goes away.
+    ``start`` runs before the port reports SERVING (models loaded and warm).
+    On the signal, in this order: health reports NOT_SERVING; the server stops
+    taking new calls (it sends GOAWAY, and a call that arrives anyway fails
+    UNAVAILABLE, which clients retry on another replica) while the calls it
+    has accepted go on; ``stop`` finishes that in-flight work (a batcher
+    drains its queue, the VAD ends its streams so gateways move at once);
+    then the server is gone, at the latest ``shutdown_grace_s`` after the
+    signal. Draining first and refusing later would take new calls into a
+    queue that the cut-off then fails.
     """
     server = grpc.aio.server(options=server_options(settings))
     health_servicer = health.aio.HealthServicer()
@@ -84,18 +91,24 @@ async def run_grpc_service(
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
 
-    log.info("%s stopping: draining in-flight work", name)
+    log.info("%s stopping: no new calls, draining in-flight work", name)
     for service in ("", name):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await stop()
-    await server.stop(settings.shutdown_grace_s)
+    closing = asyncio.create_task(server.stop(settings.shutdown_grace_s))
+    try:
+        await stop()
+    finally:
+        await closing
     log.info("%s stopped", name)
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
     """Map the batcher's and validators' errors onto gRPC status codes."""
-    from services.common.batching import DeadlineExpiredError, QueueFullError
+    from services.common.batching import DeadlineExpiredError, QueueFullError, ShuttingDownError
 
+    if isinstance(exc, ShuttingDownError):
+        # Not this request's fault nor a lasting overload: another replica takes it.
+        return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, QueueFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, DeadlineExpiredError):

@@ -2,8 +2,12 @@
 
 One channel per replica address. The addresses are a static list
 (``host:port,host:port``, optionally ``ipv4:``/``ipv6:`` prefixed) or are
-resolved from ``dns:///name:port`` every ``refresh_s``. Each replica is in
-rotation or not:
+resolved from ``dns:///name:port`` every ``refresh_s``, and at once (at most
+every ``min_refresh_s``) when a replica fails UNAVAILABLE: a pod going away
+says so, and its replacement or a scale-out's new pods are found within
+seconds. A new replica joins the rotation at its first SERVING health
+check; no connection needs to age out for it to get calls. Each replica is
+in rotation or not:
 
 - the gRPC health service of every replica is asked every
   ``probe_interval_s`` with a short timeout; an answer other than SERVING
@@ -24,6 +28,7 @@ went away (UNAVAILABLE, INTERNAL, UNKNOWN) or refused for overload
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -81,7 +86,8 @@ _RETRY_ELSEWHERE = (*_GONE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 class PoolOptions:
     probe_interval_s: float = 2.0
     probe_timeout_s: float = 1.0
-    refresh_s: float = 15.0
+    refresh_s: float = 5.0
+    min_refresh_s: float = 1.0
     max_attempts: int = 3
     # Hedge budget: factor x a high quantile of recent service times, per
     # second of audio (at least one), clamped to [floor, share of deadline].
@@ -209,6 +215,7 @@ class ReplicaPool(Generic[StubT]):
         self._refresher: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._resolved = asyncio.Event()
+        self._refresh_soon = asyncio.Event()
         addresses, self._dns_name = parse_target(target)
         for address in addresses:
             self._add(address)
@@ -251,6 +258,10 @@ class ReplicaPool(Generic[StubT]):
         """Out of rotation now; back once its health check answers SERVING."""
         self._set_healthy(replica, False, why)
         self._probe_now(replica)
+
+    def refresh_soon(self) -> None:
+        """Resolve the DNS name again now (rate-limited), not at the next period."""
+        self._refresh_soon.set()
 
     def pick(self, exclude: Iterable[Replica[StubT]] = ()) -> Replica[StubT] | None:
         """Next replica in rotation not in ``exclude``; any such one if none is in rotation."""
@@ -324,13 +335,17 @@ class ReplicaPool(Generic[StubT]):
         assert self._dns_name is not None
         loop = asyncio.get_running_loop()
         while True:
+            self._refresh_soon.clear()
             try:
                 found = await loop.run_in_executor(None, self._resolver, self._dns_name)
             except OSError as exc:
                 log.warning("resolving %s failed: %s", self._dns_name, exc)
             else:
                 self._apply(found)
-            await asyncio.sleep(self.options.refresh_s)
+            pause = min(self.options.min_refresh_s, self.options.refresh_s)
+            await asyncio.sleep(pause)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._refresh_soon.wait(), self.options.refresh_s - pause)
 
     def _apply(self, found: list[str]) -> None:
         for address in found:
@@ -416,6 +431,7 @@ class ReplicaPool(Generic[StubT]):
                     code = exc.code()
                     if code == grpc.StatusCode.UNAVAILABLE:
                         self.mark_suspect(finished.replica, f"call failed: {exc.details()}")
+                        self.refresh_soon()
                     retry = self._retry_for(code, errors, tried, bool(running), finished.replica)
                     if retry is not None and deadline - now > opts.min_attempt_s:
                         RETRIES.labels(self.service).inc()
