@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -19,5 +20,15 @@ class AsrSettings(BatchedServiceSettings):
     engine: Literal["sensevoice", "whisper"] = "sensevoice"
     # A ModelScope id (downloaded once where a hub is reachable) or a local directory.
     sensevoice_model: str = "iic/SenseVoiceSmall"
-    whisper_model_dir: str = str(DEFAULT_MODELS_DIR / "whisper-tiny.en")
+    # The offline profile's Whisper: multilingual base (Mandarin, English, ...)
+    # or tiny.en (English only, the faster one). Both unpacked by `make models`.
+    whisper_model: Literal["base", "tiny.en"] = "base"
+    whisper_model_dir: str = Field(
+        "", description="A CTranslate2 Whisper directory; set, it overrides whisper_model."
+    )
     cpu_threads: int = Field(0, ge=0, description="Threads of a CPU engine; 0 = library default.")
+
+    def whisper_path(self) -> Path:
+        if self.whisper_model_dir:
+            return Path(self.whisper_model_dir)
+        return DEFAULT_MODELS_DIR / f"whisper-{self.whisper_model}"

@@ -20,12 +20,10 @@ from services.protos import asr_pb2, asr_pb2_grpc
 
 def build_engine(settings: AsrSettings) -> AsrEngine:
     if settings.engine == "whisper":
-        from pathlib import Path
-
         from services.asr.whisper import WhisperEngine
 
         return WhisperEngine(
-            Path(settings.whisper_model_dir),
+            settings.whisper_path(),
             device=settings.device,
             cpu_threads=settings.cpu_threads,
         )

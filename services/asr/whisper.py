@@ -1,4 +1,8 @@
-"""Whisper tiny.en through CTranslate2 (faster-whisper's model), one ``generate`` per batch.
+"""Whisper through CTranslate2 (faster-whisper's model), one ``generate`` per batch.
+
+Two models run here: tiny.en (English only, the fast one) and base
+(multilingual: Mandarin, English and 97 more). Which one is the model
+directory's business; the engine reads ``is_multilingual`` from it.
 
 faster-whisper's own ``transcribe`` handles one file at a time; here every
 utterance's log-mel features are computed with the model's feature extractor,
@@ -25,6 +29,13 @@ batches of 8): 40 two-second commands WER 0.099 at a 10 s window with 109 ms
 CPU per utterance, the same WER at the 7 s floor with 55 ms; 16 clips of
 6-13 s WER 0.021 either way. On 40 commands cut by the FSMN-VAD, a 4 s window
 still looped on 7 even in timestamp mode, 6 s on 4, 7 s on none.
+
+Languages (multilingual model): a request names its language or asks for
+``auto``. For ``auto`` the batch is encoded once and that encoder output
+serves both Whisper's language detection (one decoder step) and the
+decoding, so detection costs no second encoder pass. Chinese is decoded
+with a simplified-Mandarin previous-text prompt and converted to simplified
+characters (see ``languages.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from faster_whisper import WhisperModel
 from faster_whisper.tokenizer import Tokenizer
 
 from services.asr.engine import AsrRequest, Transcript
+from services.asr.languages import AUTO, PREVIOUS_TEXT, SimplifiedChinese, normalize_language
 from services.common import metrics
 from services.common.audio import SAMPLE_RATE
 
@@ -50,6 +62,8 @@ _HOP_SAMPLES = SAMPLE_RATE // _FRAMES_PER_SECOND
 MIN_AUDIO_SAMPLES = SAMPLE_RATE // 10
 MAX_TOKENS = 224  # half of Whisper's 448-token decoder context, as openai-whisper
 TOKENS_PER_SECOND = 6  # generous: fast English speech with punctuation is about 5
+# Fast Mandarin is 5 characters a second at about 1.2 tokens each.
+MULTILINGUAL_TOKENS_PER_SECOND = 10
 FALLBACK_WINDOW_S = 10.0
 CHUNK_SECONDS = 30
 CHUNK_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE
@@ -129,12 +143,17 @@ def repeats_itself(tokens: Sequence[Hashable]) -> bool:
 
 
 class WhisperEngine:
-    """English transcription with Whisper tiny.en.
+    """Transcription with Whisper tiny.en (English) or a multilingual Whisper.
 
-    Language: tiny.en is English-only. ``"auto"`` and ``"en"`` are the expected
-    values; any other language code is still transcribed as English (no error),
-    and the transcript reports ``language="en"``. ``use_itn`` is ignored: Whisper
-    already writes numbers and punctuation in written form.
+    Language: a multilingual model transcribes in the request's language when
+    it knows it (``zh``, ``zh-CN``, ``en``, ...) and detects the language of
+    each utterance otherwise (``"auto"``, or a code the model does not
+    know); the transcript reports the language used. tiny.en is
+    English-only: every request is transcribed as English and reported as
+    ``language="en"``. Chinese comes out in simplified characters.
+    ``use_itn`` is ignored: Whisper already writes numbers and punctuation in
+    written form. Whisper has no emotion or audio-event output, so those
+    fields stay empty.
 
     Long audio: an utterance over 30 s is split into pieces of at most 30 s (cut
     at the quietest 100 ms of the last 5 s before each boundary); all pieces go
@@ -144,8 +163,6 @@ class WhisperEngine:
     log-probability of the text is below -1 (its standard rule), ``text`` is
     empty; ``raw_text`` keeps what was decoded.
     """
-
-    name = "whisper-tiny.en"
 
     def __init__(
         self,
@@ -162,24 +179,52 @@ class WhisperEngine:
             # int8 GEMMs on GPU lose accuracy for little gain on a model this small.
             compute_type = "float16"
         self.device = device
+        self.name = "whisper-" + model_dir.name.removeprefix("whisper-")
         # Public so callers can instrument it; transcribe() looks up
         # ``self.model.model.generate`` on every call.
         self.model = WhisperModel(
             str(model_dir), device=device, compute_type=compute_type, cpu_threads=cpu_threads
         )
+        self.multilingual = bool(self.model.model.is_multilingual)
+        self.languages = frozenset(self.model.supported_languages)
         self._beam_size = beam_size
-        self._tokenizer = Tokenizer(
-            self.model.hf_tokenizer,
-            self.model.model.is_multilingual,
-            task="transcribe",
-            language="en",
+        self._tokenizers: dict[str, Tokenizer] = {}
+        self._tokens_per_second = (
+            MULTILINGUAL_TOKENS_PER_SECOND if self.multilingual else TOKENS_PER_SECOND
         )
-        # English-only models take no language/task tokens; leaving out
-        # <|notimestamps|> turns timestamp prediction on.
-        self._prompt = list(self._tokenizer.sot_sequence)
+        self._timestamp_begin = self._tokenizer("en").timestamp_begin
         self._max_frames = self.model.feature_extractor.nb_max_frames
         self._min_frames = min(self._max_frames, round(min_window_s * _FRAMES_PER_SECOND))
         self._fallback_frames = min(self._max_frames, round(FALLBACK_WINDOW_S * _FRAMES_PER_SECOND))
+
+    def _tokenizer(self, language: str) -> Tokenizer:
+        tokenizer = self._tokenizers.get(language)
+        if tokenizer is None:
+            tokenizer = Tokenizer(
+                self.model.hf_tokenizer, self.multilingual, task="transcribe", language=language
+            )
+            self._tokenizers[language] = tokenizer
+        return tokenizer
+
+    def _prompt(self, language: str) -> list[int]:
+        """What the decoder starts from: [previous text], <|sot|>[, <|lang|>, <|transcribe|>].
+
+        English-only models take no language/task tokens; leaving out
+        <|notimestamps|> turns timestamp prediction on.
+        """
+        tokenizer = self._tokenizer(language)
+        prompt = list(tokenizer.sot_sequence)
+        previous = PREVIOUS_TEXT.get(language) if self.multilingual else None
+        if previous:
+            prompt = [tokenizer.sot_prev, *tokenizer.encode(" " + previous), *prompt]
+        return prompt
+
+    def language_for(self, requested: str) -> str | None:
+        """The language to decode a request in, or None to detect it."""
+        if not self.multilingual:
+            return "en"
+        code = normalize_language(requested)
+        return code if code != AUTO and code in self.languages else None
 
     def _window_frames(self, longest_samples: int, floor_frames: int) -> int:
         """Encoder frames for a batch: the longest piece plus 1 s, in whole seconds."""
@@ -195,34 +240,69 @@ class WhisperEngine:
         return np.ascontiguousarray(mel[:, :frames], dtype=np.float32)
 
     def _text_tokens(self, result: WhisperGenerationResult) -> list[int]:
-        return [t for t in result.sequences_ids[0] if t < self._tokenizer.timestamp_begin]
+        return [t for t in result.sequences_ids[0] if t < self._timestamp_begin]
 
     def _generate(
-        self, pieces: Sequence[np.ndarray], floor_frames: int
-    ) -> tuple[list[WhisperGenerationResult], int]:
-        """Decode ``pieces`` in one call; returns the results and the window used."""
+        self, pieces: Sequence[np.ndarray], floor_frames: int, wanted: Sequence[str | None]
+    ) -> tuple[list[WhisperGenerationResult], int, list[str]]:
+        """Decode ``pieces`` in ``wanted`` languages (None: detect).
+
+        Returns the results, the window used and each piece's language.
+        """
         longest = max(piece.size for piece in pieces)
         frames = self._window_frames(longest, floor_frames)
-        features = np.stack([self._features(piece, frames) for piece in pieces])
-        results = self.model.model.generate(
-            ctranslate2.StorageView.from_array(features),
-            [self._prompt] * len(pieces),
-            beam_size=self._beam_size,
-            return_scores=True,
-            return_no_speech_prob=True,
-            suppress_blank=True,
-            suppress_tokens=[-1],
-            # A cap in proportion to the audio stops a runaway early. CTranslate2
-            # (4.x, measured) stops Whisper after max_length // 2 new tokens.
-            max_length=2 * min(MAX_TOKENS, 12 + int(longest / SAMPLE_RATE * TOKENS_PER_SECOND)),
+        model = self.model.model
+        inputs = ctranslate2.StorageView.from_array(
+            np.stack([self._features(piece, frames) for piece in pieces])
         )
-        return list(results), frames
+        languages = [language or "" for language in wanted]
+        if not all(languages):
+            # Encoded once: detection and decoding both read this output.
+            inputs = model.encode(inputs, to_cpu=self.device == "cpu")
+            detected = model.detect_language(inputs)
+            # Each answer is (token, probability) pairs, best first: "<|zh|>" -> "zh".
+            languages = [
+                language or found[0][0][2:-2]
+                for language, found in zip(languages, detected, strict=True)
+            ]
+        # A cap in proportion to the audio stops a runaway early. CTranslate2
+        # (4.x, measured) stops Whisper after max_length // 2 new tokens.
+        max_length = 2 * min(MAX_TOKENS, 12 + int(longest / SAMPLE_RATE * self._tokens_per_second))
+        prompts = [self._prompt(language) for language in languages]
+        # CTranslate2 wants <|startoftranscript|> at one position across a
+        # call, so prompts of different lengths (Chinese has a previous-text
+        # prompt) are decoded in one call each.
+        by_length: dict[int, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            by_length.setdefault(len(prompt), []).append(index)
+        results: list[WhisperGenerationResult | None] = [None] * len(pieces)
+        for indexes in by_length.values():
+            if len(by_length) == 1:
+                subset = inputs
+            else:
+                subset = ctranslate2.StorageView.from_array(
+                    np.ascontiguousarray(np.asarray(inputs)[indexes])
+                )
+            decoded = model.generate(
+                subset,
+                [prompts[i] for i in indexes],
+                beam_size=self._beam_size,
+                return_scores=True,
+                return_no_speech_prob=True,
+                suppress_blank=True,
+                suppress_tokens=[-1],
+                max_length=max_length,
+            )
+            for index, result in zip(indexes, decoded, strict=True):
+                results[index] = result
+        return [r for r in results if r is not None], frames, languages
 
     def transcribe(self, batch: Sequence[AsrRequest]) -> list[Transcript]:
         if not batch:
             return []
         owners: list[int] = []
         pieces: list[np.ndarray] = []
+        wanted: list[str | None] = []
         for index, request in enumerate(batch):
             audio = np.asarray(request.audio, dtype=np.float32).reshape(-1)
             if audio.size < MIN_AUDIO_SAMPLES:
@@ -232,35 +312,52 @@ class WhisperEngine:
                 log.info("utterance %d is %d pieces of <= 30 s", index, len(split))
             owners.extend([index] * len(split))
             pieces.extend(split)
+            wanted.extend([self.language_for(request.language)] * len(split))
         raw: list[list[str]] = [[] for _ in batch]
         text: list[list[str]] = [[] for _ in batch]
+        spoken = [self.language_for(request.language) or "" for request in batch]
         if not pieces:
-            return [Transcript(text="", language="en") for _ in batch]
-        results, frames = self._generate(pieces, self._min_frames)
+            return [Transcript(text="", language=language) for language in spoken]
+        results, frames, languages = self._generate(pieces, self._min_frames, wanted)
         # A short window now and then sends the decoder round in a loop; those
         # pieces are decoded again, together, with the longer fallback window.
         runaway = [i for i, r in enumerate(results) if repeats_itself(self._text_tokens(r))]
         if runaway and frames < self._fallback_frames:
             metrics.ASR_REDECODES.inc(len(runaway))
-            again, _ = self._generate([pieces[i] for i in runaway], self._fallback_frames)
+            again, _, _ = self._generate(
+                [pieces[i] for i in runaway], self._fallback_frames, [languages[i] for i in runaway]
+            )
             for i, result in zip(runaway, again, strict=True):
                 results[i] = result
-        timestamp_begin = self._tokenizer.timestamp_begin
-        for owner, piece, result in zip(owners, pieces, results, strict=True):
+        for owner, piece, result, language in zip(owners, pieces, results, languages, strict=True):
+            # An utterance is reported in the language of its first piece.
+            spoken[owner] = spoken[owner] or language
             tokens = result.sequences_ids[0]
-            raw[owner].append(self._tokenizer.decode(self._text_tokens(result)))
+            tokenizer = self._tokenizer(language)
+            raw[owner].append(tokenizer.decode(self._text_tokens(result)))
             kept = [
                 token
-                for segment in segments_within(tokens, timestamp_begin, piece.size / SAMPLE_RATE)
+                for segment in segments_within(
+                    tokens, self._timestamp_begin, piece.size / SAMPLE_RATE
+                )
                 for token in segment
             ]
-            decoded = self._tokenizer.decode(kept).strip()
+            decoded = tokenizer.decode(kept).strip()
             # generate's score is the length-normalised sum of log-probs (penalty 1).
             avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
             silent = result.no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOGPROB_THRESHOLD
             if not silent and decoded:
                 text[owner].append(decoded)
         return [
-            Transcript(text=" ".join(t), language="en", raw_text="".join(r))
-            for t, r in zip(text, raw, strict=True)
+            self._transcript(t, r, language)
+            for t, r, language in zip(text, raw, spoken, strict=True)
         ]
+
+    @staticmethod
+    def _transcript(texts: list[str], raws: list[str], language: str) -> Transcript:
+        # Chinese has no spaces between words, nor between the pieces of a long utterance.
+        joiner = "" if language == "zh" else " "
+        text, raw = joiner.join(texts), "".join(raws)
+        if language == "zh":
+            text = SimplifiedChinese.convert(text)
+        return Transcript(text=text, language=language, raw_text=raw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from services.gateway.errors import INVALID_PAYLOAD, ConnectionRejected
@@ -12,6 +13,8 @@ MAX_TEXT_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 32
 LISTEN_MODES = ("auto", "manual", "realtime")
 LISTEN_STATES = ("start", "stop", "detect")
+# "auto" or a language tag: "zh", "en", "zh-CN", "yue".
+_LANGUAGE_TAG = re.compile(r"^[a-z]{2,3}([-_][a-z0-9]{1,8}){0,3}$")
 
 
 def parse_message(text: str | bytes) -> dict[str, Any]:
@@ -86,3 +89,21 @@ def declared_frame_duration(hello: dict[str, Any]) -> int | None:
     if not isinstance(duration, int) or duration not in (10, 20, 40, 60, 80, 100, 120):
         raise ConnectionRejected(INVALID_PAYLOAD, f"unsupported frame_duration {duration!r}")
     return duration
+
+
+def declared_language(hello: dict[str, Any]) -> str | None:
+    """The language a device says it speaks (our extension to hello): "auto" or a code.
+
+    A tag is reduced to its primary subtag ("zh-CN" -> "zh"), the codes the
+    engines know, so that utterances in one language share batches. "auto"
+    asks for detection. A device without the field, or with something
+    that is no language tag, gets the deployment's ``asr_language``: the
+    firmware does not send it, so a bad value is ignored rather than fatal.
+    """
+    language = hello.get("language")
+    if not isinstance(language, str) or len(language) > 35:
+        return None
+    language = language.strip().lower()
+    if language != "auto" and not _LANGUAGE_TAG.match(language):
+        return None
+    return re.split(r"[-_]", language, maxsplit=1)[0]

@@ -44,6 +44,8 @@ class Speaker:
 
     session_id: str
     device_id: str
+    # What the device's hello asked for; "" leaves it to the deployment's setting.
+    language: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class Recognizer:
         asr: asr_pb2.RecognizeResponse | BaseException
         speaker: dict[str, Any] | BaseException | None
         asr, speaker = await asyncio.gather(
-            _timed("asr", self._transcribe(utterance.pcm, utterance_id)),
+            _timed("asr", self._transcribe(utterance.pcm, utterance_id, who.language)),
             _timed("speaker", self.identify(who.device_id, utterance.pcm, utterance_id)),
             return_exceptions=True,
         )
@@ -118,10 +120,16 @@ class Recognizer:
             },
         )
 
-    async def _transcribe(self, pcm: bytes, utterance_id: str) -> asr_pb2.RecognizeResponse:
+    async def _transcribe(
+        self, pcm: bytes, utterance_id: str, language: str
+    ) -> asr_pb2.RecognizeResponse:
         settings = self._settings
         return await self._compute.recognize(
-            pcm, settings.asr_language, settings.asr_use_itn, utterance_id, settings.asr_timeout_s
+            pcm,
+            language or settings.asr_language,
+            settings.asr_use_itn,
+            utterance_id,
+            settings.asr_timeout_s,
         )
 
     async def identify(

@@ -26,7 +26,7 @@ from services.gateway.delivery import DeliveryQueue
 from services.gateway.device_link import DeviceLink
 from services.gateway.errors import GOING_RESTART, INVALID_PAYLOAD, ConnectionRejected
 from services.gateway.limits import bounded_json, short_text
-from services.gateway.messages import LISTEN_MODES, LISTEN_STATES
+from services.gateway.messages import LISTEN_MODES, LISTEN_STATES, declared_language
 from services.gateway.recognition import Speaker
 from services.gateway.session_vad import SessionVad
 from services.gateway.utterances import CutLimits, UtteranceCutter
@@ -218,6 +218,10 @@ class DeviceSession:
     def record_connected(
         self, client_id: str, protocol_version: int, hello: dict[str, Any]
     ) -> None:
+        language = declared_language(hello)
+        if language:
+            # Every utterance of this connection is recognised in it.
+            self._who = Speaker(self.session_id, self.device_id, language)
         self._record(
             {
                 "session_id": self.session_id,
@@ -227,6 +231,7 @@ class DeviceSession:
                 "protocol_version": str(protocol_version),
                 "audio_params": bounded_json(hello.get("audio_params", {})),
                 "features": bounded_json(hello.get("features", {})),
+                "language": language or "",
                 "connected_at": str(time.time()),
             }
         )
