@@ -22,7 +22,7 @@ class AsrSettings(BatchedServiceSettings):
     sensevoice_model: str = "iic/SenseVoiceSmall"
     # The offline profile's Whisper: multilingual base (Mandarin, English, ...)
     # or tiny.en (English only, the faster one). Both unpacked by `make models`.
-    whisper_model: Literal["base", "tiny.en"] = "base"
+    whisper_model: Literal["base", "tiny.en"] = "tiny.en"
     whisper_model_dir: str = Field(
         "", description="A CTranslate2 Whisper directory; set, it overrides whisper_model."
     )
