@@ -24,15 +24,18 @@ from services.common.config import load_settings
 from services.common.grpc_service import configure_logging
 from services.common.logging_filter import RedactSecrets
 from services.common.loop_monitor import LoopLagMonitor
+from services.gateway.compat.funasr_server import FunasrRuntime, FunasrServer
 from services.gateway.compute import ComputeClients
 from services.gateway.config import GatewaySettings
 from services.gateway.connection import serve_device
 from services.gateway.context import GatewayContext
 from services.gateway.hub import SessionHub
 from services.gateway.recognition import Recognizer
+from services.gateway.session import DeviceSession
 from services.gateway.speakers_api import AdminRequestGuard
 from services.gateway.speakers_api import router as speakers_router
 from services.gateway.store import SessionStore
+from services.gateway.vad_client import VadStreamClient
 from services.gateway.vad_router import VadRouter
 
 log = logging.getLogger(__name__)
@@ -47,10 +50,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             settings.redis_url, settings.session_ttl_s, settings.redis_max_connections
         )
         hub = SessionHub(store, settings.gateway_id)
+        # The FunASR, OpenAI and voiceprint APIs' VAD streams (services/gateway/compat/).
+        compat = FunasrRuntime(settings.funasr_max_partials)
+
+        def on_vad_lost(client: VadStreamClient) -> None:
+            hub.on_vad_lost(client)
+            compat.segmenters.on_vad_lost(client)
+
         vad = VadRouter(
             settings.vad_target,
             hub.on_vad_event,
-            hub.on_vad_lost,
+            on_vad_lost,
             progress_timeout_s=settings.vad_progress_timeout_s,
         )
         compute = ComputeClients(settings.asr_target, settings.speaker_target)
@@ -63,17 +73,23 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             recognizer=Recognizer(settings, compute, store),
         )
         app.state.ctx = ctx
+        app.state.compat = compat
         loop_monitor = LoopLagMonitor("gateway")
         loop_monitor.start()
         store.start()
         hub.start()
         vad.start()
         compute.start()
+        funasr = FunasrServer(ctx, compat) if settings.funasr_port else None
+        if funasr is not None:
+            await funasr.start()
         if settings.allow_anonymous:
             log.warning("open mode: devices are accepted without a valid token")
         try:
             yield
         finally:
+            if funasr is not None:
+                await funasr.stop()
             await loop_monitor.stop()
             await hub.stop()
             await vad.stop()
@@ -104,14 +120,18 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
-        """Ready while VAD is reachable and not draining. Without Redis the gateway
-        still recognises speech (state is written once Redis is back), so it stays
-        ready but reports itself degraded."""
+        """Ready unless draining: readiness is this gateway's own state only.
+
+        A VAD or Redis outage is shared by every gateway; were it to fail
+        readiness, every gateway would leave the Service at once and devices
+        could not even connect. Each dependency is reported in ``checks`` and
+        as ``degraded``, and each gateway copes with it (sessions wait for a
+        VAD replica, Redis writes are replayed)."""
         ctx: GatewayContext = request.app.state.ctx
         checks = {"vad": ctx.vad.any_connected, "redis": ctx.store.up, "draining": ctx.draining}
-        ready = checks["vad"] and not ctx.draining
-        status = "draining" if ctx.draining else "ready" if ready else "not_ready"
-        if ready and not checks["redis"]:
+        ready = not ctx.draining
+        status = "draining" if ctx.draining else "ready"
+        if ready and not (checks["vad"] and checks["redis"]):
             status = "degraded"
         return JSONResponse(
             {"ready": ready, "status": status, "checks": checks, "sessions": len(ctx.hub.sessions)},
@@ -125,20 +145,63 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     return app
 
 
+# The share of the drain over which hand-offs are spread; the rest is for
+# sessions that keep talking past their turn.
+HANDOFF_SPREAD = 0.5
+PAUSE_POLL_S = 0.05
+# A session heard saying nothing this long is closed without waiting for an
+# utterance to end (a device that is not talking). Long enough that a device
+# between two sentences is caught at the end of the next one instead: the VAD
+# reports a speech start a few hundred milliseconds after it began.
+QUIET_S = 4.0
+
+
+async def hand_off(session: DeviceSession, turn: float, deadline: float) -> None:
+    """Close one session for a reconnect elsewhere, losing nothing it said.
+
+    From ``turn`` on, wait for the moment an utterance of the session ends
+    (or for ``QUIET_S`` without speech), stop listening, let its results be
+    delivered, then close with 1012 (service restart): the device reconnects
+    through the Service to another gateway and goes on there. At
+    ``deadline`` speech still in progress is ended where it is and
+    recognised, as a drain always did.
+    """
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(max(0.0, turn - loop.time()))
+    quiet_since: float | None = loop.time()
+    while loop.time() < deadline:
+        if session.vad.in_speech:
+            quiet_since = None
+        elif quiet_since is None or loop.time() - quiet_since >= QUIET_S:
+            break  # an utterance has just ended, or the device is not talking
+        await asyncio.sleep(PAUSE_POLL_S)
+    session.begin_drain()
+    await session.wait_idle(max(1.0, deadline - loop.time()))
+    await session.close_for_restart()
+
+
 async def drain(ctx: GatewayContext) -> None:
-    """Stop taking devices, finish what they said, then tell them to reconnect elsewhere.
+    """Stop taking devices, then hand the sessions off one after another.
 
     Runs before uvicorn's own shutdown, which would otherwise close every
-    WebSocket at once the moment SIGTERM arrives.
+    WebSocket at once the moment SIGTERM arrives. New upgrades get 503 and
+    /readyz says not ready at once. The sessions are handed off in turns
+    spread over the first half of ``drain_timeout_s`` (so their devices
+    reconnect to the other gateways a few at a time, not all in the same
+    instant), each at a pause in its speech (``hand_off``).
     """
     ctx.draining = True
     sessions = list(ctx.hub.sessions.values())
     log.info("draining %d sessions", len(sessions))
-    for session in sessions:
-        session.begin_drain()
+    loop = asyncio.get_running_loop()
+    now = loop.time()
     timeout = ctx.settings.drain_timeout_s
-    await asyncio.gather(*(session.wait_idle(timeout) for session in sessions))
-    await asyncio.gather(*(session.close_for_restart() for session in sessions))
+    step = timeout * HANDOFF_SPREAD / max(1, len(sessions))
+    deadline = now + timeout
+    await asyncio.gather(
+        *(hand_off(s, now + i * step, deadline) for i, s in enumerate(sessions)),
+        return_exceptions=True,
+    )
     log.info("drained")
 
 

@@ -305,7 +305,26 @@ class ReplicaPool(Generic[StubT]):
             return
         replica.probe = asyncio.create_task(self._probe(replica), name=f"{self.service}-probe")
 
+    def _reconnect_if_backing_off(self, replica: Replica[StubT]) -> None:
+        """A fresh channel for a replica out of rotation whose channel waits out a
+        reconnect back-off (up to seconds after failures): a replica that comes
+        back, or starts for the first time at a known address, is reached at
+        its next probe. Calls still on the old channel finish on it."""
+        if replica.healthy:
+            return
+        state = replica.channel.get_state(try_to_connect=False)
+        if state != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return
+        old = replica.channel
+        replica.channel = open_channel(replica.address)
+        replica.stub = self._stub_factory(replica.channel)
+        replica.health = health_pb2_grpc.HealthStub(replica.channel)
+        task = asyncio.create_task(close_channel(old, self.options.close_grace_s))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def _probe(self, replica: Replica[StubT]) -> None:
+        self._reconnect_if_backing_off(replica)
         while True:
             began = time.monotonic()
             serving, why = await self._check(replica)
