@@ -26,6 +26,7 @@ def build_engine(settings: AsrSettings) -> AsrEngine:
             settings.whisper_path(),
             device=settings.device,
             cpu_threads=settings.cpu_threads,
+            detect_among=settings.whisper_detect_among(),
         )
     from services.asr.sensevoice import SenseVoiceEngine
 

@@ -41,7 +41,7 @@ characters (see ``languages.py``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from pathlib import Path
 
 import ctranslate2
@@ -148,7 +148,8 @@ class WhisperEngine:
     Language: a multilingual model transcribes in the request's language when
     it knows it (``zh``, ``zh-CN``, ``en``, ...) and detects the language of
     each utterance otherwise (``"auto"``, or a code the model does not
-    know); the transcript reports the language used. tiny.en is
+    know), choosing among ``detect_among`` (all it knows when empty); the
+    transcript reports the language used. tiny.en is
     English-only: every request is transcribed as English and reported as
     ``language="en"``. Chinese comes out in simplified characters.
     ``use_itn`` is ignored: Whisper already writes numbers and punctuation in
@@ -172,6 +173,7 @@ class WhisperEngine:
         beam_size: int = 1,
         cpu_threads: int = 0,
         min_window_s: float = 7.0,
+        detect_among: Collection[str] = (),
     ) -> None:
         if device == "auto":
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
@@ -187,6 +189,14 @@ class WhisperEngine:
         )
         self.multilingual = bool(self.model.model.is_multilingual)
         self.languages = frozenset(self.model.supported_languages)
+        # An English-only model detects nothing, so it has no use for the list.
+        unknown = set(detect_among) - self.languages if self.multilingual else set()
+        if unknown:
+            raise ValueError(f"{model_dir.name} does not know the languages {sorted(unknown)}")
+        # Detection picks among these; empty: among every language the model knows.
+        self.detect_among = (
+            frozenset(detect_among) if self.multilingual else None
+        ) or self.languages
         self._beam_size = beam_size
         self._tokenizers: dict[str, Tokenizer] = {}
         self._tokens_per_second = (
@@ -226,6 +236,14 @@ class WhisperEngine:
         code = normalize_language(requested)
         return code if code != AUTO and code in self.languages else None
 
+    def _likeliest(self, found: Sequence[tuple[str, float]]) -> str:
+        """The most probable allowed language of (token, probability) pairs, best first."""
+        for token, _ in found:
+            code = token[2:-2]  # "<|zh|>" -> "zh"
+            if code in self.detect_among:
+                return code
+        return found[0][0][2:-2]
+
     def _window_frames(self, longest_samples: int, floor_frames: int) -> int:
         """Encoder frames for a batch: the longest piece plus 1 s, in whole seconds."""
         seconds = -(-longest_samples // SAMPLE_RATE) + 1
@@ -260,9 +278,8 @@ class WhisperEngine:
             # Encoded once: detection and decoding both read this output.
             inputs = model.encode(inputs, to_cpu=self.device == "cpu")
             detected = model.detect_language(inputs)
-            # Each answer is (token, probability) pairs, best first: "<|zh|>" -> "zh".
             languages = [
-                language or found[0][0][2:-2]
+                language or self._likeliest(found)
                 for language, found in zip(languages, detected, strict=True)
             ]
         # A cap in proportion to the audio stops a runaway early. CTranslate2
