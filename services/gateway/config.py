@@ -105,11 +105,44 @@ class GatewaySettings(BaseSettings):
         le=0,
         description="An utterance whose loudest 20 ms stays below this is dropped as silent.",
     )
+    # The APIs of the servers xiaozhi-esp32-server already calls (services/gateway/compat/).
+    compat_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="API keys of the FunASR, OpenAI and voiceprint APIs (comma-separated); "
+        "the Redis set sf:compat:keys is accepted too.",
+    )
+    compat_open: bool = Field(
+        False, description="Open mode for a private network: the compatible APIs need no key."
+    )
+    funasr_port: int = Field(
+        10095, ge=0, le=65535, description="FunASR WebSocket port (root path); 0: off."
+    )
+    funasr_max_message_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Largest FunASR message (one binary message may be a whole utterance).",
+    )
+    funasr_tags: bool = Field(
+        True, description="Final FunASR texts start with SenseVoice tags (<|en|><|NEUTRAL|>...)."
+    )
+    funasr_max_partials: int = Field(
+        16, ge=0, description="Partial re-recognitions in flight on this gateway; past it, skipped."
+    )
+    openai_max_upload_bytes: int = Field(
+        25 * 1024 * 1024, ge=1024, description="Largest /v1/audio/transcriptions upload (413)."
+    )
+    openai_max_audio_s: float = Field(
+        1800.0, gt=0, description="Longest audio one transcription request may decode to."
+    )
+    openai_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"],
+        description="What `model` may name (comma-separated); all use the cluster's ASR.",
+    )
     downlink_sample_rate: int = 24000
     downlink_frame_ms: int = 60
     log_level: str = "INFO"
 
-    @field_validator("auth_tokens", mode="before")
+    @field_validator("auth_tokens", "compat_keys", "openai_models", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         if isinstance(value, str):
