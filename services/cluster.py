@@ -164,11 +164,13 @@ class ClusterPorts:
     vad_metrics: int = field(default_factory=free_port)
     asr_metrics: int = field(default_factory=free_port)
     speaker_metrics: int = field(default_factory=free_port)
+    # The first gateway's FunASR WebSocket port (further gateways get free ones).
+    funasr: int = field(default_factory=free_port)
 
     @classmethod
     def standard(cls) -> ClusterPorts:
         """The documented defaults, for people running it by hand."""
-        return cls(6390, 50051, 50052, 50053, 8000, 9101, 9102, 9103)
+        return cls(6390, 50051, 50052, 50053, 8000, 9101, 9102, 9103, 10095)
 
 
 class ClusterError(RuntimeError):
@@ -244,6 +246,8 @@ class LocalCluster:
             ]
             for service in ("vad", "asr", "speaker", "gateway")
         }
+        gateways = self.replicas["gateway"]
+        self.funasr_ports = {r.name: p.funasr if r.index == 0 else free_port() for r in gateways}
         # Declared in the gateways' targets but not started: a replica that a
         # test brings up later (``respawn``), as a scale-up would.
         self.idle = {
@@ -257,6 +261,11 @@ class LocalCluster:
     @property
     def device_url(self) -> str:
         return f"ws://127.0.0.1:{self.ports.gateway}/xiaozhi/v1/"
+
+    @property
+    def funasr_url(self) -> str:
+        """The first gateway's FunASR WebSocket endpoint."""
+        return f"ws://127.0.0.1:{self.ports.funasr}"
 
     @property
     def redis_url(self) -> str:
@@ -281,7 +290,8 @@ class LocalCluster:
             spread = ", ".join(f":{r.port}" for r in gateways)
             rows.append(("front", f"devices :{self.ports.gateway} -> gateways {spread}"))
         for r in gateways:
-            rows.append((r.name, f"http :{r.port}  (/readyz, /metrics)"))
+            funasr = self.funasr_ports[r.name]
+            rows.append((r.name, f"http :{r.port}  (/readyz, /metrics)  funasr ws :{funasr}"))
         for service in COMPUTE_SERVICES:
             for r in self.replicas[service]:
                 if r.name not in self.idle or r.name in self.processes:
@@ -316,6 +326,7 @@ class LocalCluster:
                 env[prefix + "METRICS_PORT"] = str(replica.metrics_port)
             else:
                 env[prefix + "GATEWAY_ID"] = replica.name
+                env[prefix + "FUNASR_PORT"] = str(self.funasr_ports[replica.name])
         env.update(self._extra_env)
         return env
 
@@ -483,7 +494,8 @@ class LocalCluster:
             bound = []
         else:
             replica = self.replica(name)
-            bound = [(self.host, port) for port in (replica.port, replica.metrics_port) if port]
+            ports = (replica.port, replica.metrics_port, self.funasr_ports.get(name, 0))
+            bound = [(self.host, port) for port in ports if port]
         return all(port_free(host, port) for host, port in bound)
 
     # -- processes -------------------------------------------------------

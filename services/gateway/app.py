@@ -24,6 +24,7 @@ from services.common.config import load_settings
 from services.common.grpc_service import configure_logging
 from services.common.logging_filter import RedactSecrets
 from services.common.loop_monitor import LoopLagMonitor
+from services.gateway.compat.funasr_server import FunasrRuntime, FunasrServer
 from services.gateway.compute import ComputeClients
 from services.gateway.config import GatewaySettings
 from services.gateway.connection import serve_device
@@ -34,6 +35,7 @@ from services.gateway.session import DeviceSession
 from services.gateway.speakers_api import AdminRequestGuard
 from services.gateway.speakers_api import router as speakers_router
 from services.gateway.store import SessionStore
+from services.gateway.vad_client import VadStreamClient
 from services.gateway.vad_router import VadRouter
 
 log = logging.getLogger(__name__)
@@ -48,10 +50,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             settings.redis_url, settings.session_ttl_s, settings.redis_max_connections
         )
         hub = SessionHub(store, settings.gateway_id)
+        # The FunASR, OpenAI and voiceprint APIs' VAD streams (services/gateway/compat/).
+        compat = FunasrRuntime(settings.funasr_max_partials)
+
+        def on_vad_lost(client: VadStreamClient) -> None:
+            hub.on_vad_lost(client)
+            compat.segmenters.on_vad_lost(client)
+
         vad = VadRouter(
             settings.vad_target,
             hub.on_vad_event,
-            hub.on_vad_lost,
+            on_vad_lost,
             progress_timeout_s=settings.vad_progress_timeout_s,
         )
         compute = ComputeClients(settings.asr_target, settings.speaker_target)
@@ -64,17 +73,23 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             recognizer=Recognizer(settings, compute, store),
         )
         app.state.ctx = ctx
+        app.state.compat = compat
         loop_monitor = LoopLagMonitor("gateway")
         loop_monitor.start()
         store.start()
         hub.start()
         vad.start()
         compute.start()
+        funasr = FunasrServer(ctx, compat) if settings.funasr_port else None
+        if funasr is not None:
+            await funasr.start()
         if settings.allow_anonymous:
             log.warning("open mode: devices are accepted without a valid token")
         try:
             yield
         finally:
+            if funasr is not None:
+                await funasr.stop()
             await loop_monitor.stop()
             await hub.stop()
             await vad.stop()
