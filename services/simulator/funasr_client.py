@@ -31,6 +31,9 @@ class FunasrClient:
     semicolon: bool = True
     received: list[Received] = field(default_factory=list)
     _ws: ClientConnection | None = None
+    # Read as they arrive (as FunASR's client does), so arrival times are true.
+    _inbox: asyncio.Queue[Received | Exception] = field(default_factory=asyncio.Queue)
+    _reader: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
         headers = {}
@@ -42,6 +45,15 @@ class FunasrClient:
             subprotocols=[Subprotocol("binary")],
             ping_interval=None,
         )
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                self._inbox.put_nowait(Received(json.loads(raw), time.monotonic()))
+            await self.ws.recv()  # raises the closure, with its code and reason
+        except Exception as exc:
+            self._inbox.put_nowait(exc)
 
     @property
     def ws(self) -> ClientConnection:
@@ -51,6 +63,8 @@ class FunasrClient:
     async def close(self) -> None:
         if self._ws is not None:
             await self._ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
 
     async def config(self, mode: str, wav_name: str = "demo", **extra: Any) -> None:
         message = {
@@ -80,10 +94,12 @@ class FunasrClient:
         return time.monotonic()
 
     async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
-        raw = await asyncio.wait_for(self.ws.recv(), timeout)
-        message: dict[str, Any] = json.loads(raw)
-        self.received.append(Received(message, time.monotonic()))
-        return message
+        item = await asyncio.wait_for(self._inbox.get(), timeout)
+        if isinstance(item, Exception):
+            self._inbox.put_nowait(item)  # every later read fails the same way
+            raise item
+        self.received.append(item)
+        return item.message
 
     async def read_like_xiaozhi(self, timeout: float = 5.0) -> str:
         """xiaozhi's reading: append ``text`` until a message whose ``is_final``
