@@ -1,0 +1,36 @@
+"""Settings of the listening audio path: Opus decoding and the wire to the VAD.
+
+Each choice keeps the earlier path selectable, so a benchmark can run both
+against the same cluster build (``bench.listeners``) and an operator can
+fall back without a release. Read once per process from the gateway's
+``SF_GATEWAY_`` environment.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class AudioPathSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SF_GATEWAY_", extra="ignore")
+
+    # "direct": libopus called into one preallocated buffer per thread;
+    # "opuslib": the opuslib binding (a fresh buffer and a list of Python
+    # ints per packet), kept as the baseline.
+    opus_binding: Literal["direct", "opuslib"] = "direct"
+    # "ticks": every session's frames of one short tick travel as one packed
+    # VadRequest; "frames": one AudioFrame message per frame, merged only
+    # while a backlog waits (the earlier path).
+    vad_wire: Literal["ticks", "frames"] = "ticks"
+    vad_send_tick_ms: float = Field(
+        10.0, gt=0, le=20, description="How long frames for a VAD replica gather before a write."
+    )
+
+
+@cache
+def audio_path_settings() -> AudioPathSettings:
+    return AudioPathSettings()
