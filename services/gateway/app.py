@@ -25,6 +25,7 @@ from services.common.grpc_service import configure_logging
 from services.common.logging_filter import RedactSecrets
 from services.common.loop_monitor import LoopLagMonitor
 from services.gateway.compat.funasr_server import FunasrRuntime, FunasrServer
+from services.gateway.compat.http import CompatHttp
 from services.gateway.compute import ComputeClients
 from services.gateway.config import GatewaySettings
 from services.gateway.connection import serve_device
@@ -106,6 +107,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         openapi_url="/openapi.json" if docs else None,
     )
     app.add_middleware(AdminRequestGuard, settings=settings)
+    # Outermost: the OpenAI and voiceprint-api routes, with their own keys and error shapes.
+    app.add_middleware(CompatHttp, settings=settings)
     app.include_router(speakers_router)
 
     async def device_socket(websocket: WebSocket) -> None:
