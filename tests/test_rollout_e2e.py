@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import signal
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -25,6 +27,8 @@ from conftest import ADMIN_TOKEN, DEVICE_TOKEN, SPEAKER_THRESHOLD
 from support.wer import word_error_rate
 
 from services.cluster import LocalCluster
+from services.common.audio import float_to_pcm16
+from services.protos import asr_pb2, asr_pb2_grpc
 from services.simulator.admin import enrol_speaker
 from services.simulator.device import DeviceConfig, SimulatedDevice
 from services.simulator.phrases import SENTENCES, VOICES
@@ -157,6 +161,41 @@ async def test_a_second_asr_replica_takes_calls_within_seconds_of_being_ready(
     assert answered_s < 2 * JOIN_LIMIT_S
     assert all(len(r) == 5 for r in results)
     await asyncio.gather(*(d.close() for d in talkers))
+
+
+async def test_a_stopping_asr_replica_answers_the_calls_it_took_and_refuses_new_ones_unavailable(
+    rollout: LocalCluster,
+) -> None:
+    """SIGTERM: queued calls are answered; calls after it fail UNAVAILABLE (which the
+    gateway retries elsewhere), never RESOURCE_EXHAUSTED (which it would not)."""
+    name = "asr-1" if "asr-1" in rollout.processes else "asr"
+    pcm = float_to_pcm16(trim_silence(clip(3)))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{rollout.replica(name).port}")
+    stub = asr_pb2_grpc.AsrStub(channel)
+
+    async def recognize() -> grpc.StatusCode:
+        request = asr_pb2.RecognizeRequest(pcm=pcm, sample_rate=16000, language="en")
+        try:
+            await stub.Recognize(request, timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    try:
+        await channel.channel_ready()
+        taken = [asyncio.create_task(recognize()) for _ in range(24)]
+        await asyncio.sleep(0.3)  # on the server, most of them waiting in the queue
+        process = rollout.processes[name].process
+        process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        late = await asyncio.gather(*(recognize() for _ in range(4)))
+        answered = await asyncio.gather(*taken)
+        await asyncio.to_thread(process.wait, 60)
+    finally:
+        await channel.close()
+    assert answered == [grpc.StatusCode.OK] * len(taken)
+    assert late == [grpc.StatusCode.UNAVAILABLE] * len(late)
+    await asyncio.to_thread(rollout.respawn, name)
 
 
 def clip(i: int) -> np.ndarray:
