@@ -30,13 +30,15 @@ from services.gateway.context import GatewayContext
 from services.gateway.delivery import DeliveryQueue
 from services.gateway.store import Voiceprint
 from services.gateway.utterances import Utterance
+from services.protos import asr_pb2
 
 log = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, Any]], Awaitable[bool]]
 
-# A partial that the batcher cannot start within this is refused at once
-# (its queue is behind): partials are dropped, never queued behind finals.
+# A partial that the batcher cannot finish within this (or a stride, if
+# longer) is refused at once, its queue being behind: partials are dropped,
+# never queued behind finals.
 PARTIAL_DEADLINE_S = 1.0
 OVERLOAD = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
 
@@ -267,8 +269,7 @@ class FunasrInput:
 
     async def _run_partial(self, pcm: bytes, segment: int, stride_end: float) -> None:
         try:
-            request_id = f"{self._name}-p{segment}"
-            asr = await self._transcribe(pcm, request_id, PARTIAL_DEADLINE_S)
+            asr = await self._partial_call(pcm, f"{self._name}-p{segment}")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -290,6 +291,28 @@ class FunasrInput:
         await self._emit(message)
         metrics.PARTIALS.labels("sent").inc()
         metrics.PARTIAL_SECONDS.observe(time.monotonic() - stride_end)
+
+    async def _partial_call(self, pcm: bytes, request_id: str) -> asr_pb2.RecognizeResponse:
+        """One attempt on a replica in rotation, without the pool's hedges and retries.
+
+        A final's call hedges on another replica and takes its replica out of
+        rotation when an attempt goes unanswered past its budget; a partial's
+        short deadline must not do either to the replicas the finals use.
+        """
+        replica = self._ctx.compute.asr_pool.pick()
+        if replica is None or not replica.healthy:
+            raise LookupError("no asr replica in rotation")
+        config = self.config
+        request = asr_pb2.RecognizeRequest(
+            pcm=pcm,
+            sample_rate=SAMPLE_RATE,
+            language=config.language,
+            use_itn=config.itn,
+            request_id=request_id,
+        )
+        timeout = max(PARTIAL_DEADLINE_S, config.stride / SAMPLE_RATE)
+        response: asr_pb2.RecognizeResponse = await replica.stub.Recognize(request, timeout=timeout)
+        return response
 
 
 async def _none() -> None:
