@@ -13,7 +13,7 @@ from support.wer import word_error_rate
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from services.cluster import LocalCluster
-from services.common.audio import SAMPLE_RATE, float_to_pcm16
+from services.common.audio import SAMPLE_RATE, float_to_pcm16, resample, write_wav
 from services.gateway.compat.keys import KEYS_SET
 from services.simulator.funasr_client import FunasrClient
 from services.simulator.speech import silence, synthesize, trim_silence
@@ -102,6 +102,26 @@ async def test_several_inputs_on_one_connection_each_get_their_own_results(
         assert {m["wav_name"] for m in messages} == {f"input-{i}"}
         texts.append(untagged("".join(m["text"] for m in messages)))
     assert word_error_rate([FIRST, SECOND], texts) <= 0.2, texts
+
+
+async def test_pcm_at_8_khz_is_resampled_and_recognised(client: FunasrClient) -> None:
+    narrow = resample(np.concatenate([silence(0.3), synthesize(FIRST), silence(0.8)]), 16000, 8000)
+    await client.config("offline", audio_fs=8000)
+    await client.ws.send(float_to_pcm16(narrow))
+    await client.end()
+    assert word_error_rate([FIRST], [untagged(await client.read_like_xiaozhi())]) <= 0.2
+
+
+async def test_a_wav_file_sent_with_its_wav_format_is_decoded_and_recognised(
+    client: FunasrClient,
+) -> None:
+    samples = np.concatenate([silence(0.3), synthesize(SECOND), silence(0.8)])
+    await client.config("offline", wav_format="wav", wav_name="file.wav")
+    await client.ws.send(write_wav(resample(samples, 16000, 22050), 22050))
+    await client.end(is_end=True)
+    messages = await client.until_end()
+    text = untagged("".join(m["text"] for m in messages))
+    assert word_error_rate([SECOND], [text]) <= 0.2, messages
 
 
 async def test_2pass_at_real_time_pace_sends_partials_while_the_segment_is_spoken(
