@@ -76,8 +76,7 @@ def listening_session() -> tuple[DeviceSession, VadStreamClient]:
 def network(client: VadStreamClient, acknowledge_all_but: int = 0) -> None:
     """The sender takes everything queued; the replica acknowledges all of it
     but the newest ``acknowledge_all_but`` operations."""
-    while not client._queue.empty():
-        client._queue.get_nowait()
+    client._queue.ops.clear()
     client.ops_done = max(client.ops_done, client.ops_queued - acknowledge_all_but)
 
 

@@ -2,8 +2,8 @@
 
 All sessions of this gateway pinned to a replica share one bidirectional gRPC
 stream to it. Sessions enqueue opens, frames and closes; one sender drains
-the queue into as few ``VadRequest`` messages as the backlog allows, and one
-receiver routes each event to the session that owns its stream id.
+the queue into ``VadRequest`` messages, one per short tick (``vad_wire``),
+and one receiver routes each event to the session that owns its stream id.
 
 Three things end a connection besides the server: a transport error; the
 replica failing its health checks while the connection looks open (a frozen
@@ -28,6 +28,7 @@ from prometheus_client import Counter, Gauge
 
 from services.common.grpc_client import close_channel, open_channel
 from services.common.tasks import being_cancelled, cancel_and_wait
+from services.gateway.vad_wire import Outgoing, WireForm
 from services.protos import vad_pb2, vad_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,12 @@ VAD_BACKLOG = Gauge(
     "speechfront_gateway_vad_backlog", "VAD operations waiting to be sent, by replica.", ["replica"]
 )
 
-EventHandler = Callable[[vad_pb2.SpeechEvent], None]
-_Op = vad_pb2.StreamOpen | vad_pb2.AudioFrame | vad_pb2.StreamClose
-# Ends a connection's request generator.
-_RETIRED = None
+VAD_WRITES = Counter(
+    "speechfront_gateway_vad_writes_total",
+    "VadRequest messages written to VAD replicas (one per send tick while audio flows).",
+)
 
-# Operations merged into one VadRequest at most; bounds message size.
-_MAX_OPS_PER_MESSAGE = 512
+EventHandler = Callable[[vad_pb2.SpeechEvent], None]
 
 
 class VadStreamClient:
@@ -64,8 +64,12 @@ class VadStreamClient:
         health_failures: int = 2,
         connect_timeout_s: float = 5.0,
         progress_timeout_s: float = 10.0,
+        wire: WireForm = "ticks",
+        send_tick_s: float = 0.01,
     ) -> None:
         self.target = target
+        self._wire: WireForm = wire
+        self._send_tick_s = send_tick_s
         self._on_event = on_event
         # Streams on a lost connection are gone; their owners re-pin and replay.
         self._on_lost = on_lost
@@ -88,6 +92,8 @@ class VadStreamClient:
         # replica's backlog (``SessionVad.oldest_needed``).
         self.ops_queued = 0
         self.ops_done = 0
+        # Requests handed to gRPC, all connections together.
+        self.writes = 0
         self._ops_taken = 0
         # (batch, ops taken through it) of every request not yet acknowledged.
         self._ops_in_flight: deque[tuple[int, int]] = deque()
@@ -97,7 +103,7 @@ class VadStreamClient:
         self.stall_cooldown_s = 30.0
         # Unbounded as a container; opens and frames respect ``max_backlog``
         # (``has_room``) while closes always go, so cleanup never fails.
-        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._queue = Outgoing()
         self._backlog = VAD_BACKLOG.labels(target)
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
@@ -113,7 +119,7 @@ class VadStreamClient:
 
     def has_room(self, ops: int = 1) -> bool:
         """Whether ``ops`` more opens or frames fit in the backlog now."""
-        return self._queue.qsize() + ops <= self._max_backlog
+        return len(self._queue.ops) + ops <= self._max_backlog
 
     def open(self, stream_id: str, start_sample: int = 0, silence_ms: int = 0) -> None:
         self._put(
@@ -123,15 +129,16 @@ class VadStreamClient:
         )
 
     def send(self, stream_id: str, seq: int, pcm: bytes) -> None:
-        self._put(vad_pb2.AudioFrame(stream_id=stream_id, seq=seq, pcm=pcm))
+        # The hot path: a tuple now, a protobuf field only when the tick is packed.
+        self._queue.put((stream_id, seq, pcm))
+        self.ops_queued += 1
 
     def close(self, stream_id: str, flush: bool) -> None:
         self._put(vad_pb2.StreamClose(stream_id=stream_id, flush=flush))
 
-    def _put(self, op: _Op) -> None:
-        self._queue.put_nowait(op)
+    def _put(self, op: vad_pb2.StreamOpen | vad_pb2.StreamClose) -> None:
+        self._queue.put(op)
         self.ops_queued += 1
-        self._backlog.set(self._queue.qsize())
 
     # -- connection ------------------------------------------------------
 
@@ -250,11 +257,9 @@ class VadStreamClient:
             log.exception("re-pinning sessions after losing %s failed", self.target)
 
     def _retire_queue(self) -> None:
-        old, self._queue = self._queue, asyncio.Queue()
-        while not old.empty():
-            if old.get_nowait() is not _RETIRED:
-                self._ops_taken += 1  # never sent: numbered as taken, and moot
-        old.put_nowait(_RETIRED)
+        old, self._queue = self._queue, Outgoing()
+        # Never sent: numbered as taken, and moot.
+        self._ops_taken += old.retire()
         self._backlog.set(0)
 
     def _dispatch(self, event: vad_pb2.SpeechEvent) -> None:
@@ -263,42 +268,28 @@ class VadStreamClient:
         except Exception:
             log.exception("handling VAD event for %s failed", event.stream_id)
 
-    async def _requests(
-        self, queue: asyncio.Queue[_Op | None]
-    ) -> AsyncIterator[vad_pb2.VadRequest]:
+    async def _requests(self, queue: Outgoing) -> AsyncIterator[vad_pb2.VadRequest]:
         numbers = itertools.count(1)
+        ticks = self._wire == "ticks"
+        last_write = 0.0
         while True:
-            first = await queue.get()
-            if first is _RETIRED:
+            await queue.ready.wait()
+            if ticks and not queue.retired:
+                # Let the rest of this tick's frames join the first one: writes
+                # then follow the clock, however many sessions send.
+                wait = last_write + self._send_tick_s - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            if queue.retired:
                 return
-            ops = [first]
-            while len(ops) < _MAX_OPS_PER_MESSAGE and not queue.empty():
-                op = queue.get_nowait()
-                if op is _RETIRED:
-                    return
-                ops.append(op)
-            self._backlog.set(queue.qsize())
-            request = _pack(ops)
+            request, taken, has_audio = queue.take(self._wire)
+            last_write = time.monotonic()
+            self._backlog.set(len(queue.ops))
             request.batch = next(numbers)
-            self._ops_taken += len(ops)
+            self.writes += 1
+            VAD_WRITES.inc()
+            self._ops_taken += taken
             self._ops_in_flight.append((request.batch, self._ops_taken))
-            if request.frames:
-                self._unacked.append((request.batch, time.monotonic()))
+            if has_audio:
+                self._unacked.append((request.batch, last_write))
             yield request
-
-
-def _pack(ops: list[_Op]) -> vad_pb2.VadRequest:
-    """Merge queued operations into one request.
-
-    The server applies a message's opens, then frames, then closes. Stream
-    ids are never reused, so for every stream that is the order it was queued in.
-    """
-    request = vad_pb2.VadRequest()
-    for op in ops:
-        if isinstance(op, vad_pb2.StreamOpen):
-            request.opens.append(op)
-        elif isinstance(op, vad_pb2.AudioFrame):
-            request.frames.append(op)
-        else:
-            request.closes.append(op)
-    return request

@@ -27,6 +27,7 @@ from typing import Protocol
 from prometheus_client import Gauge
 
 from services.common.tasks import cancel_and_wait
+from services.gateway.audio_path import audio_path_settings
 from services.gateway.targets import parse_target, resolve
 from services.gateway.vad_client import EventHandler, VadStreamClient
 
@@ -86,12 +87,15 @@ class VadRouter:
         self._opener: asyncio.Task[None] | None = None
 
     def _add(self, address: str) -> None:
+        path = audio_path_settings()
         self.clients[address] = VadStreamClient(
             address,
             self._on_event,
             self._on_lost,
             max_backlog=self._max_backlog,
             progress_timeout_s=self._progress_timeout_s,
+            wire=path.vad_wire,
+            send_tick_s=path.vad_send_tick_ms / 1000,
         )
 
     def start(self) -> None:

@@ -92,6 +92,8 @@ class VadServicer(vad_pb2_grpc.VadServicer):
                 self._table.open(conn, outbox, opened)
             for frame in request.frames:
                 self._table.feed(conn, outbox, frame)
+            if request.HasField("block"):
+                self._table.feed_block(conn, outbox, request.block)
             for closed in request.closes:
                 self._table.close(conn, closed)
 
