@@ -1,14 +1,14 @@
 """Language codes as callers write them, and Chinese text in simplified characters.
 
 Whisper learned Chinese from transcripts in both scripts, so left alone it
-answers now in simplified, now in traditional characters. Two things steer
-it, and both are used for ``zh``:
+answers now in simplified, now in traditional characters (1 of 16 Opus-coded
+cuts of the Mandarin test recording came back traditional). OpenCC's
+traditional-to-simplified conversion is applied to Chinese transcripts.
 
-- a previous-text prompt in simplified Mandarin, which Whisper continues in
-  the same script and register (it also fixed two of the 19 characters of
-  the Mandarin test recording, "与您" back to "语音");
-- OpenCC's traditional-to-simplified conversion on the text that comes out,
-  because a prompt only makes simplified output likely, not certain.
+The other remedy, a simplified-Mandarin previous-text prompt
+("以下是普通话的句子。"), was measured and left out: through the device
+path it gave a CER of 0.099 over 8 runs against 0.072 without, and once
+answered with the prompt itself ("这次是普通话的句子。") instead of the speech.
 """
 
 from __future__ import annotations
@@ -19,10 +19,6 @@ import threading
 from opencc import OpenCC
 
 AUTO = "auto"
-
-# A sentence in the script and register wanted, given to Whisper as text
-# that came before ("The following are sentences in Mandarin.").
-PREVIOUS_TEXT = {"zh": "以下是普通话的句子。"}
 
 # Codes devices and operators write for Chinese that Whisper knows as "zh".
 _ALIASES = {"cmn": "zh", "chinese": "zh", "mandarin": "zh", "english": "en"}

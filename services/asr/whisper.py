@@ -34,8 +34,7 @@ Languages (multilingual model): a request names its language or asks for
 ``auto``. For ``auto`` the batch is encoded once and that encoder output
 serves both Whisper's language detection (one decoder step) and the
 decoding, so detection costs no second encoder pass. Chinese is decoded
-with a simplified-Mandarin previous-text prompt and converted to simplified
-characters (see ``languages.py``).
+as it comes and converted to simplified characters (see ``languages.py``).
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ from faster_whisper import WhisperModel
 from faster_whisper.tokenizer import Tokenizer
 
 from services.asr.engine import AsrRequest, Transcript
-from services.asr.languages import AUTO, PREVIOUS_TEXT, SimplifiedChinese, normalize_language
+from services.asr.languages import AUTO, SimplifiedChinese, normalize_language
 from services.common import metrics
 from services.common.audio import SAMPLE_RATE
 
@@ -217,17 +216,12 @@ class WhisperEngine:
         return tokenizer
 
     def _prompt(self, language: str) -> list[int]:
-        """What the decoder starts from: [previous text], <|sot|>[, <|lang|>, <|transcribe|>].
+        """<|startoftranscript|>, then for a multilingual model <|lang|> <|transcribe|>.
 
         English-only models take no language/task tokens; leaving out
         <|notimestamps|> turns timestamp prediction on.
         """
-        tokenizer = self._tokenizer(language)
-        prompt = list(tokenizer.sot_sequence)
-        previous = PREVIOUS_TEXT.get(language) if self.multilingual else None
-        if previous:
-            prompt = [tokenizer.sot_prev, *tokenizer.encode(" " + previous), *prompt]
-        return prompt
+        return list(self._tokenizer(language).sot_sequence)
 
     def language_for(self, requested: str) -> str | None:
         """The language to decode a request in, or None to detect it."""
@@ -285,34 +279,17 @@ class WhisperEngine:
         # A cap in proportion to the audio stops a runaway early. CTranslate2
         # (4.x, measured) stops Whisper after max_length // 2 new tokens.
         max_length = 2 * min(MAX_TOKENS, 12 + int(longest / SAMPLE_RATE * self._tokens_per_second))
-        prompts = [self._prompt(language) for language in languages]
-        # CTranslate2 wants <|startoftranscript|> at one position across a
-        # call, so prompts of different lengths (Chinese has a previous-text
-        # prompt) are decoded in one call each.
-        by_length: dict[int, list[int]] = {}
-        for index, prompt in enumerate(prompts):
-            by_length.setdefault(len(prompt), []).append(index)
-        results: list[WhisperGenerationResult | None] = [None] * len(pieces)
-        for indexes in by_length.values():
-            if len(by_length) == 1:
-                subset = inputs
-            else:
-                subset = ctranslate2.StorageView.from_array(
-                    np.ascontiguousarray(np.asarray(inputs)[indexes])
-                )
-            decoded = model.generate(
-                subset,
-                [prompts[i] for i in indexes],
-                beam_size=self._beam_size,
-                return_scores=True,
-                return_no_speech_prob=True,
-                suppress_blank=True,
-                suppress_tokens=[-1],
-                max_length=max_length,
-            )
-            for index, result in zip(indexes, decoded, strict=True):
-                results[index] = result
-        return [r for r in results if r is not None], frames, languages
+        results = model.generate(
+            inputs,
+            [self._prompt(language) for language in languages],
+            beam_size=self._beam_size,
+            return_scores=True,
+            return_no_speech_prob=True,
+            suppress_blank=True,
+            suppress_tokens=[-1],
+            max_length=max_length,
+        )
+        return list(results), frames, languages
 
     def transcribe(self, batch: Sequence[AsrRequest]) -> list[Transcript]:
         if not batch:
