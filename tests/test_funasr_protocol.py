@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from services.gateway.compat.funasr_input import PartialGate
 from services.gateway.compat.funasr_server import parse_config, parse_text
 from services.gateway.compat.funasr_text import PartialText, tagged
 from services.gateway.compat.keys import bearer_key, key_accepted, namespace
@@ -90,3 +91,27 @@ def test_sensevoice_tags_come_in_the_order_xiaozhi_reads_them() -> None:
     assert tagged(asr, itn=True) == "<|zh|><|HAPPY|><|Speech|><|withitn|>你好。"
     plain = asr_pb2.RecognizeResponse(text="hello", language="en")
     assert tagged(plain, itn=False) == "<|en|><|EMO_UNKNOWN|><|Speech|><|woitn|>hello"
+
+
+def test_partial_gate_halves_when_the_asr_queues_and_regrows_when_it_does_not() -> None:
+    gate = PartialGate(8)
+    gate.observe(500.0)  # a final waited half a second behind others
+    assert gate.limit == 4
+    gate.back_off()  # a partial was refused
+    assert gate.limit == 2
+    for _ in range(10):
+        gate.observe(5.0)
+    assert gate.limit == 8
+
+
+def test_partial_gate_at_zero_lets_one_probe_through_at_a_time() -> None:
+    gate = PartialGate(4)
+    gate.limit = 0
+    assert gate.take()  # the probe
+    assert not gate.take()
+    gate.give()
+    assert not gate.take()  # the next probe waits its turn
+
+
+def test_partial_gate_with_a_ceiling_of_zero_never_opens() -> None:
+    assert not PartialGate(0).take()

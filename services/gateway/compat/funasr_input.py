@@ -41,6 +41,11 @@ Send = Callable[[dict[str, Any]], Awaitable[bool]]
 # never queued behind finals.
 PARTIAL_DEADLINE_S = 1.0
 OVERLOAD = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+# The ASR batcher waits up to 10 ms to fill a batch: an answer queued much
+# longer was behind others (see PartialGate).
+QUEUE_HIGH_MS = 100.0
+QUEUE_LOW_MS = 30.0
+PROBE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -60,20 +65,45 @@ class FileTooBig(ValueError):
 
 
 class PartialGate:
-    """Partials in flight on this gateway: past ``limit`` new ones are skipped."""
+    """Partials in flight on this gateway, under a limit that follows the ASR's queue.
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    The batcher serves requests in arrival order, so every partial in its
+    queue delays the finals behind it. The limit halves whenever a final or a
+    partial reports a queue wait over ``QUEUE_HIGH_MS`` or a partial is
+    refused, and grows by one for each answer that barely queued: partials
+    use the room the finals leave and give it back as soon as they queue. At
+    a limit of zero one partial goes every ``PROBE_S``, to notice the room.
+    """
+
+    def __init__(self, ceiling: int) -> None:
+        self.ceiling = ceiling
+        self.limit = ceiling
         self.in_flight = 0
+        self._probe_at = 0.0
 
     def take(self) -> bool:
-        if self.in_flight >= self.limit:
-            return False
-        self.in_flight += 1
-        return True
+        if self.in_flight < self.limit:
+            self.in_flight += 1
+            return True
+        now = time.monotonic()
+        if self.ceiling and not self.limit and not self.in_flight and now >= self._probe_at:
+            self._probe_at = now + PROBE_S
+            self.in_flight += 1
+            return True
+        return False
 
     def give(self) -> None:
         self.in_flight -= 1
+
+    def observe(self, queue_ms: float) -> None:
+        """An ASR answer (final or partial) that waited ``queue_ms`` in the batcher."""
+        if queue_ms > QUEUE_HIGH_MS:
+            self.back_off()
+        elif queue_ms < QUEUE_LOW_MS:
+            self.limit = min(self.ceiling, self.limit + 1)
+
+    def back_off(self) -> None:
+        self.limit //= 2
 
 
 class FunasrInput:
@@ -199,12 +229,15 @@ class FunasrInput:
             log.warning("%s: recognition failed: %s", self._name, asr)
             self.error = "speech service busy" if code in OVERLOAD else "recognition failed"
             return
+        self._gate.observe(asr.queue_ms)
         if not asr.text.strip():
             return
         config = self.config
         text = tagged(asr, config.itn) if config.tags else asr.text
         if config.mode == "online":
             text = sent.rest(asr.text)
+            if not text:
+                return  # every word went out as a partial already
         message: dict[str, Any] = {
             "mode": {"offline": "offline", "online": "online"}.get(config.mode, "2pass-offline"),
             "wav_name": config.wav_name,
@@ -266,6 +299,13 @@ class FunasrInput:
             return
         pcm = self._segmenter.cutter.buffer.slice(start, end)
         self._partial = asyncio.create_task(self._run_partial(pcm, self._segment, time.monotonic()))
+        # A callback, not a finally: a task cancelled before it ran never enters its body.
+        self._partial.add_done_callback(self._partial_done)
+
+    def _partial_done(self, task: asyncio.Task[None]) -> None:
+        self._gate.give()
+        if self._partial is task:
+            self._partial = None
 
     async def _run_partial(self, pcm: bytes, segment: int, stride_end: float) -> None:
         try:
@@ -275,10 +315,9 @@ class FunasrInput:
         except Exception as exc:
             metrics.PARTIALS.labels("dropped").inc()
             log.debug("%s: partial dropped: %s", self._name, exc)
+            self._gate.back_off()
             return
-        finally:
-            self._gate.give()
-            self._partial = None
+        self._gate.observe(asr.queue_ms)
         if segment != self._segment:
             metrics.PARTIALS.labels("stale").inc()  # its segment's final is on its way
             return

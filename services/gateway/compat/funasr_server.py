@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -65,6 +66,8 @@ class FunasrRuntime:
     def __init__(self, max_partials: int) -> None:
         self.segmenters = LiveSegmenters()
         self.gate = PartialGate(max_partials)
+        # FunASR inputs begun and not yet answered in full.
+        self.busy = 0
 
 
 def parse_config(message: dict[str, Any], tags: bool, language: str, itn: bool) -> InputConfig:
@@ -171,6 +174,7 @@ class FunasrConnection:
         finally:
             if self._input is not None:
                 self._input.close()
+                self._runtime.busy -= 1
 
     async def _audio(self, data: bytes) -> None:
         if self._input is None:
@@ -197,6 +201,7 @@ class FunasrConnection:
                 settings.openai_max_upload_bytes,
             )
             self._input.start()
+            self._runtime.busy += 1
         elif "mode" in message and message["mode"] != self._input_mode():
             raise ConnectionRejected(UNSUPPORTED_DATA, "mode changed in the middle of an input")
         if message.get("is_speaking") is False:
@@ -216,9 +221,10 @@ class FunasrConnection:
             return
         try:
             await current.finish(self._ctx.settings.asr_timeout_s * 2)
+            await self._send(current.closing_message(is_end))
         finally:
             current.close()
-        await self._send(current.closing_message(is_end))
+            self._runtime.busy -= 1
         if current.error:
             code = TRY_AGAIN_LATER if current.overloaded else INTERNAL_ERROR
             raise ConnectionRejected(code, current.error)
@@ -346,6 +352,8 @@ class _SharedLoopServer(uvicorn.Server):
 class FunasrServer:
     def __init__(self, ctx: GatewayContext, runtime: FunasrRuntime) -> None:
         self._config = server_config(funasr_app(ctx, runtime), ctx)
+        self._runtime = runtime
+        self._drain_s = ctx.settings.drain_timeout_s
         self._server = _SharedLoopServer(self._config)
         self._task: asyncio.Task[None] | None = None
 
@@ -373,8 +381,13 @@ class FunasrServer:
         log.info("FunASR WebSocket API on %s:%d", host, port)
 
     async def stop(self, timeout: float = 10.0) -> None:
+        """Once the inputs in progress are answered (within the drain timeout), close."""
         if self._task is None:
             return
+        # New connections are refused already (the gateway is draining).
+        deadline = time.monotonic() + self._drain_s
+        while self._runtime.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         self._server.should_exit = True
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.wait_for(self._task, timeout)

@@ -23,6 +23,7 @@ from services.gateway.compat.scope import CTX, KEY, RUNTIME
 from services.gateway.compat.voiceprint_api import MAX_VOICEPRINT_BYTES, voiceprint_app
 from services.gateway.config import GatewaySettings
 from services.gateway.context import GatewayContext
+from services.gateway.limits import ConnectionCounts
 
 # The multipart form around the file.
 FORM_OVERHEAD = 64 * 1024
@@ -72,6 +73,17 @@ async def _drained(headers: Headers, receive: Receive) -> bool:
     return False
 
 
+def _admission_refusal(ctx: GatewayContext, token_key: str, address: str) -> tuple[int, str] | None:
+    """The gateway's admission (``admit``) for one request: draining, full, or this
+    key's or address's share taken."""
+    if ctx.draining:
+        return 503, "gateway is draining, retry on another"
+    if ctx.connections.total >= ctx.settings.max_sessions:
+        return 429, "gateway at its session limit, retry later"
+    capped = ctx.connections.refusal(token_key, address)
+    return None if capped is None else (429, capped)
+
+
 class CompatHttp:
     def __init__(self, app: ASGIApp, settings: GatewaySettings) -> None:
         self.app = app
@@ -96,6 +108,11 @@ class CompatHttp:
                 self.settings.openai_max_upload_bytes if api == "openai" else MAX_VOICEPRINT_BYTES
             )
             refusal = _size_refusal(headers, limit + FORM_OVERHEAD)
+        # Work (an upload to recognise or embed) is admitted like a connection.
+        working = scope["method"] == "POST"
+        token_key, address = ConnectionCounts.token_key(key), self._address(headers, scope)
+        if refusal is None and working:
+            refusal = _admission_refusal(ctx, token_key, address)
         if refusal is not None:
             status, message = refusal
             metrics.REQUESTS.labels(api, str(status)).inc()
@@ -104,6 +121,8 @@ class CompatHttp:
                 extra["Connection"] = "close"
             if status == 401:
                 extra["WWW-Authenticate"] = "Bearer"
+            if status in (429, 503):
+                extra["Retry-After"] = "5"
             body: dict[str, Any] = (
                 openai_error(status, message) if api == "openai" else {"detail": message}
             )
@@ -113,4 +132,19 @@ class CompatHttp:
         inner[CTX] = ctx
         inner[RUNTIME] = scope["app"].state.compat
         inner[KEY] = key
-        await self._apps[api](inner, receive, send)
+        if not working:
+            await self._apps[api](inner, receive, send)
+            return
+        ctx.connections.add(token_key, address)
+        try:
+            await self._apps[api](inner, receive, send)
+        finally:
+            ctx.connections.remove(token_key, address)
+
+    def _address(self, headers: Headers, scope: Scope) -> str:
+        """The client's address: the peer, or what a trusted proxy says it is."""
+        header = self.settings.client_address_header
+        if header and (forwarded := headers.get(header)):
+            return forwarded.split(",")[0].strip()
+        client = scope.get("client")
+        return str(client[0]) if client else ""

@@ -24,10 +24,30 @@ PARTIALS = Counter(
     "Partial re-recognitions, by outcome (sent, unchanged, skipped, dropped, stale).",
     ["outcome"],
 )
+# Finer than the latency buckets: a partial is due within a stride (600 ms).
+PARTIAL_BUCKETS = (
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.125,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+)
 PARTIAL_SECONDS = Histogram(
     "speechfront_gateway_funasr_partial_seconds",
     "From the arrival of a stride's last audio to its partial result leaving the gateway.",
-    buckets=LATENCY_BUCKETS,
+    buckets=PARTIAL_BUCKETS,
 )
 FINAL_SECONDS = Histogram(
     "speechfront_gateway_funasr_final_seconds",
