@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from services.gateway.compat.funasr_config import parse_config, parse_text
 from services.gateway.compat.funasr_input import PartialGate
-from services.gateway.compat.funasr_server import parse_config, parse_text
 from services.gateway.compat.funasr_text import PartialText, tagged
 from services.gateway.compat.keys import bearer_key, key_accepted, namespace
 from services.gateway.config import GatewaySettings

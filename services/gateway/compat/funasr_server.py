@@ -33,7 +33,8 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from services.gateway.compat import metrics
 from services.gateway.compat.audio_files import NotAudio, TooLong
-from services.gateway.compat.funasr_input import FileTooBig, FunasrInput, InputConfig, PartialGate
+from services.gateway.compat.funasr_config import parse_config, parse_text
+from services.gateway.compat.funasr_input import FileTooBig, FunasrInput, PartialGate
 from services.gateway.compat.keys import bearer_key, key_accepted, namespace
 from services.gateway.compat.segmenter import LiveSegmenters, VadUnavailable
 from services.gateway.compat.voiceprints import VoiceprintBook
@@ -54,10 +55,12 @@ from services.gateway.store import Voiceprint
 
 log = logging.getLogger(__name__)
 
-MODES = ("offline", "online", "2pass")
-AUDIO_RATES = range(8000, 48001)
-DEFAULT_CHUNK = 10  # 60 ms units between partials (FunASR's chunk_size middle value)
-MAX_JSON_DEPTH = 8
+# A connection may send audio this many times faster than real time on
+# average, after a first BURST_S at any speed (a whole utterance or file);
+# faster, its reading is paused: the VAD is shared, and one client sending
+# hours of audio must not take it from the rest.
+MAX_SPEED = 50.0
+BURST_S = 120.0
 
 
 class FunasrRuntime:
@@ -68,55 +71,6 @@ class FunasrRuntime:
         self.gate = PartialGate(max_partials)
         # FunASR inputs begun and not yet answered in full.
         self.busy = 0
-
-
-def parse_config(message: dict[str, Any], tags: bool, language: str, itn: bool) -> InputConfig:
-    """An input's settings from its first message; unknown fields are ignored."""
-    mode = message.get("mode")
-    if mode not in MODES:
-        raise ConnectionRejected(UNSUPPORTED_DATA, f"unsupported mode {mode!r}: use {MODES}")
-    chunk = message.get("chunk_size")
-    middle = DEFAULT_CHUNK
-    if isinstance(chunk, list) and len(chunk) == 3 and all(type(c) is int for c in chunk):
-        middle = max(1, min(100, chunk[1]))
-    rate = message.get("audio_fs", 16000)
-    if type(rate) is not int or rate not in AUDIO_RATES:
-        raise ConnectionRejected(INVALID_PAYLOAD, f"unsupported audio_fs {rate!r}")
-    wav_format = str(message.get("wav_format", "pcm") or "pcm").lower()
-    if message.get("hotwords"):
-        log.info("funasr: hotwords are not supported by the ASR engines here; ignored")
-    use_itn = message.get("itn", message.get("svs_itn", itn))
-    lang = message.get("svs_lang", language)
-    return InputConfig(
-        mode=mode,
-        wav_name=str(message.get("wav_name", "demo"))[:256],
-        stride=middle * 60 * 16,
-        audio_fs=rate,
-        container=wav_format != "pcm",
-        itn=bool(use_itn),
-        language=lang if isinstance(lang, str) and lang else language,
-        tags=tags,
-    )
-
-
-def _depth(value: Any, limit: int) -> bool:
-    if limit <= 0:
-        return False
-    if isinstance(value, dict):
-        return all(_depth(v, limit - 1) for v in value.values())
-    if isinstance(value, list):
-        return all(_depth(v, limit - 1) for v in value)
-    return True
-
-
-def parse_text(text: str) -> dict[str, Any]:
-    try:
-        message = json.loads(text)
-    except (ValueError, RecursionError):
-        raise ConnectionRejected(INVALID_PAYLOAD, "text message is not JSON") from None
-    if not isinstance(message, dict) or not _depth(message, MAX_JSON_DEPTH):
-        raise ConnectionRejected(INVALID_PAYLOAD, "text message must be a flat JSON object")
-    return message
 
 
 class FunasrConnection:
@@ -135,6 +89,8 @@ class FunasrConnection:
         self._inputs = 0
         self._input: FunasrInput | None = None
         self._wav_name = "demo"
+        self._since = time.monotonic()
+        self._sent_s = 0.0  # seconds of audio received on this connection
         settings = ctx.settings
         self._guard = InputGuard(
             InputLimits(
@@ -179,7 +135,16 @@ class FunasrConnection:
     async def _audio(self, data: bytes) -> None:
         if self._input is None:
             raise ConnectionRejected(POLICY_VIOLATION, "audio before the config message")
+        await self._pace(len(data) / 2 / self._input.config.audio_fs)
         await self._input.audio(data)
+
+    async def _pace(self, seconds: float) -> None:
+        """Wait while this connection's audio is ahead of its allowance."""
+        now = time.monotonic()
+        self._sent_s += seconds
+        allowed = BURST_S + MAX_SPEED * (now - self._since)
+        if self._sent_s > allowed:
+            await asyncio.sleep((self._sent_s - allowed) / MAX_SPEED)
 
     async def _message(self, message: dict[str, Any]) -> None:
         if "mode" in message and self._input is None:
