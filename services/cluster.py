@@ -326,7 +326,9 @@ class LocalCluster:
                 env[prefix + "METRICS_PORT"] = str(replica.metrics_port)
             else:
                 env[prefix + "GATEWAY_ID"] = replica.name
-                env[prefix + "FUNASR_PORT"] = str(self.funasr_ports[replica.name])
+                # A gateway started beside the cluster's own gets a port of its own too.
+                funasr = self.funasr_ports.setdefault(replica.name, free_port())
+                env[prefix + "FUNASR_PORT"] = str(funasr)
         env.update(self._extra_env)
         return env
 
