@@ -14,7 +14,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -40,6 +40,12 @@ from services.gateway.vad_client import VadStreamClient
 from services.gateway.vad_router import VadRouter
 
 log = logging.getLogger(__name__)
+
+MAX_SESSIONS = Gauge(
+    "speechfront_gateway_max_sessions",
+    "Sessions this gateway admits at most (SF_GATEWAY_MAX_SESSIONS); with "
+    "speechfront_gateway_sessions, how full it is.",
+)
 
 DEVICE_PATHS = ("/xiaozhi/v1/", "/xiaozhi/v1")
 
@@ -75,6 +81,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         )
         app.state.ctx = ctx
         app.state.compat = compat
+        MAX_SESSIONS.set(settings.max_sessions)
         loop_monitor = LoopLagMonitor("gateway")
         loop_monitor.start()
         store.start()
