@@ -352,6 +352,12 @@ def test_gateway_reaches_redis_through_its_service(
 REDIS_SECRET = {"name": "redis-auth", "key": "password"}
 
 
+def _redis_container(objects: list[Manifest]) -> Manifest:
+    spec = named(objects, "StatefulSet", "redis")["spec"]["template"]["spec"]
+    (container,) = [c for c in spec["containers"] if c["name"] == "redis"]
+    return container
+
+
 def _secret_refs(container: Manifest) -> dict[str, Manifest]:
     """The container's variables that come from a Secret key: name -> secretKeyRef."""
     return {
@@ -364,8 +370,7 @@ def _secret_refs(container: Manifest) -> dict[str, Manifest]:
 @overlays
 def test_redis_requires_the_password_of_its_secret(overlay: str) -> None:
     objects = render(overlay)
-    spec = named(objects, "StatefulSet", "redis")["spec"]["template"]["spec"]
-    (container,) = spec["containers"]
+    container = _redis_container(objects)
     refs = _secret_refs(container)
     # Required (not optional): without the Secret the pod waits instead of
     # starting an open Redis.
@@ -583,8 +588,7 @@ def test_the_dialogue_backend_reaches_redis_under_its_own_user(overlay: str) -> 
     [rule] = policy["spec"]["ingress"]
     [peer] = rule["from"]
     assert peer["podSelector"]["matchLabels"] == {"speechfront.io/redis-client": "backend"}
-    spec = named(objects, "StatefulSet", "redis")["spec"]["template"]["spec"]
-    (container,) = spec["containers"]
+    container = _redis_container(objects)
     assert _secret_refs(container)["BACKEND_PASSWORD"] == {
         "name": "redis-backend-auth",
         "key": "password",
@@ -599,8 +603,7 @@ def test_the_dialogue_backend_reaches_redis_under_its_own_user(overlay: str) -> 
 
 @overlays
 def test_redis_refuses_writes_before_its_container_is_oom_killed(overlay: str) -> None:
-    spec = named(render(overlay), "StatefulSet", "redis")["spec"]["template"]["spec"]
-    (container,) = spec["containers"]
+    container = _redis_container(render(overlay))
     args = container["args"]
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
     maxmemory = args[args.index("--maxmemory") + 1]

@@ -18,13 +18,23 @@ OVERLAYS = ("gpu", "cpu-lite", "gpu-ingress-nginx")
 DASHBOARDS = K8S / "base" / "dashboards"
 SCHEMA_CHECK = REPO / "deploy" / "schema-check"
 
-# Metrics the rules and dashboards use that our services do not export.
+# Metrics the rules and dashboards use that our services do not export:
+# kube-state-metrics, NVIDIA's dcgm-exporter and the redis_exporter sidecar.
 KUBE_STATE_METRICS = frozenset(
     {
         "kube_deployment_status_replicas_unavailable",
         "kube_deployment_status_replicas_available",
+        "kube_horizontalpodautoscaler_status_current_replicas",
+        "kube_horizontalpodautoscaler_spec_max_replicas",
+        "kube_pod_status_phase",
+        "kube_pod_container_resource_requests",
+        "kube_pod_container_status_restarts_total",
+        "kube_pod_container_status_last_terminated_reason",
     }
 )
+DCGM_METRICS = frozenset({"DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_GPU_UTIL"})
+REDIS_EXPORTER_METRICS = frozenset({"redis_memory_used_bytes", "redis_memory_max_bytes"})
+EXPORTER_METRICS = KUBE_STATE_METRICS | DCGM_METRICS | REDIS_EXPORTER_METRICS
 PROMETHEUS_GENERATED = frozenset({"up"})
 
 # Grafana's variables, replaced by concrete values before Prometheus sees a query.
