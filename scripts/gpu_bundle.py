@@ -101,8 +101,8 @@ def build(out: Path) -> None:
             shutil.copy2(Path("/lib/x86_64-linux-gnu", soname).resolve(), lib / soname)
     fsmn = ROOT / "models" / "fsmn-vad"
     shutil.copytree(fsmn, out / "fsmn-vad", ignore=shutil.ignore_patterns("*.onnx"))
-    shutil.copytree(ROOT / "services" / "protos", out / "protos",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyi", ".generated"))  # fmt: skip
+    generated = shutil.ignore_patterns("__pycache__", "*.pyi", ".generated")
+    shutil.copytree(ROOT / "services" / "protos", out / "protos", ignore=generated)
     subprocess.run(
         [sys.executable, "-m", "bench.gpu.clips", "--write", str(out / "speech.npz")],
         check=True,
@@ -139,7 +139,7 @@ def _unpack(wheel: Path, site: Path) -> None:
                 target.chmod(0o755)
 
 
-_OPUS_HOOK = '''\
+_OPUS_HOOK = """\
 # Written by scripts/gpu_bundle.py: this machine has no libopus, so opuslib gets the bundle's.
 import ctypes.util
 
@@ -151,7 +151,7 @@ def _find_library(name):
 
 
 ctypes.util.find_library = _find_library
-'''
+"""
 
 _AV_STANDIN = '''\
 """Stand-in written by scripts/gpu_bundle.py: PyAV (36 MiB) is not carried.
@@ -165,15 +165,19 @@ def __getattr__(name):
     raise RuntimeError("PyAV is not installed in this benchmark environment")
 '''
 
-_REDIS_WRAPPER = '''\
+_REDIS_WRAPPER = """\
 #!/bin/sh
 # Written by scripts/gpu_bundle.py: the bundle's redis-server with its own libraries.
 LD_LIBRARY_PATH="{lib}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}" exec "{lib}/redis-server" "$@"
-'''
+"""
 
 
-def install(bundle: Path, into: Path) -> dict[str, str]:
-    """Unpack the bundle for this Python; returns the environment the benchmark needs."""
+def install(bundle: Path, into: Path, bundled: bool = False) -> dict[str, str]:
+    """Unpack the bundle for this Python; returns the environment the benchmark needs.
+
+    ``bundled`` uses the bundle's libopus and redis-server even where the machine has its
+    own (to prove the bundle complete on a machine that has them).
+    """
     manifest = json.loads((bundle / "manifest.json").read_text())
     if sys.version_info[:2] != (3, 12):
         print(f"warning: the bundle is for Python 3.12, this is {sys.version.split()[0]}")
@@ -196,11 +200,11 @@ def install(bundle: Path, into: Path) -> dict[str, str]:
     print(f"unpacked {len(installed)} wheels into {site}; kept the machine's {kept or 'none'}")
     import ctypes.util
 
-    if ctypes.util.find_library("opus") is None:
+    if bundled or ctypes.util.find_library("opus") is None:
         shutil.copy2(bundle / "lib" / "libopus.so.0", lib / "libopus.so.0")
         hook = _OPUS_HOOK.format(opus=str(lib / "libopus.so.0"))
         (site / "sitecustomize.py").write_text(hook)
-        print("no libopus on this machine: opuslib will load the bundle's")
+        print("opuslib will load the bundle's libopus")
     if importlib.util.find_spec("av") is None:
         (site / "av").mkdir()
         (site / "av" / "__init__.py").write_text(_AV_STANDIN)
@@ -209,7 +213,7 @@ def install(bundle: Path, into: Path) -> dict[str, str]:
         "SF_BENCH_FSMN_DIR": str(bundle.resolve() / "fsmn-vad"),
         "SF_BENCH_CLIPS": str(bundle.resolve() / "speech.npz"),
     }
-    if shutil.which("redis-server") is None:
+    if bundled or shutil.which("redis-server") is None:
         if not (bundle / "lib" / "redis-server").is_file():
             raise SystemExit("no redis-server on this machine and none in the bundle")
         for name in ["redis-server", *REDIS_LIBS]:
@@ -218,7 +222,7 @@ def install(bundle: Path, into: Path) -> dict[str, str]:
         wrapper.write_text(_REDIS_WRAPPER.format(lib=lib))
         wrapper.chmod(0o755)
         env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-        print("no redis-server on this machine: using the bundle's")
+        print("the local cluster will run the bundle's redis-server")
     protos = ROOT / "services" / "protos"
     protos.mkdir(exist_ok=True)
     for module in (bundle / "protos").glob("*.py"):
@@ -235,11 +239,16 @@ def main() -> None:
     i = sub.add_parser("install", help="unpack it for this Python (offline)")
     i.add_argument("--bundle", type=Path, default=BUNDLE)
     i.add_argument("--into", type=Path, default=Path(tempfile.gettempdir()) / "speechfront-gpu")
+    i.add_argument(
+        "--bundled",
+        action="store_true",
+        help="the bundle's libopus and redis-server even if present",
+    )
     args = parser.parse_args()
     if args.command == "build":
         build(args.out)
     else:
-        env = install(args.bundle, args.into)
+        env = install(args.bundle, args.into, args.bundled)
         print(f"environment in {args.into / 'env.sh'}:")
         for key, value in env.items():
             print(f"  {key}={value}")

@@ -75,7 +75,9 @@ def run_model_part(args: argparse.Namespace, device: str, out: Path) -> dict[str
 
 
 def run_design(args: argparse.Namespace, design: str, topo: Topology) -> list[dict[str, Any]]:
-    sweep = [int(n) for n in (args.devices if design == "batched" else args.baseline_devices).split(",")]
+    sweep = [
+        int(n) for n in (args.devices if design == "batched" else args.baseline_devices).split(",")
+    ]
     dirs = build_models(args.work, args.size)
     run_dir = Path(tempfile.mkdtemp(prefix=f"gpu-bench-{design}-", dir=args.work))
     steps = []
@@ -117,7 +119,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", default="fp32,fp16,bf16", help="model-only table")
     p.add_argument("--utterance-s", type=float, default=3.0, help="model-only table")
     p.add_argument("--repeats", type=int, default=5, help="model-only table")
-    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "speechfront-gpu-bench")
+    p.add_argument(
+        "--work", type=Path, default=Path(tempfile.gettempdir()) / "speechfront-gpu-bench"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench-results")
     return p
 
@@ -154,15 +158,24 @@ def main() -> None:
             result["steps"] = kept + run_design(args, part, topo)
         result["summary"] = summary(result)
         result_path.write_text(json.dumps(result, indent=2))
-    plot(result, args.out / "gpu_bench.png")
+    png = args.out / "gpu_bench.png"
+    try:
+        plot(result, png)
+    except ImportError:
+        # The GPU image has matplotlib; the wheel bundle leaves it out to stay small.
+        png = None
+        print("matplotlib is not installed: no PNG (the JSON holds every figure)")
     print(RANDOM_WEIGHTS_NOTICE)
     if result.get("model_table"):
-        print("\nmodels alone (production engines, random weights)\n" + model_table(result["model_table"]))
+        print(
+            "\nmodels alone (production engines, random weights)\n"
+            + model_table(result["model_table"])
+        )
     if result.get("steps"):
         print("\nsimulated devices (whole cluster)\n" + sweep_table(result["steps"]))
     print("\n" + json.dumps(result["summary"], indent=2))
     print(f"parts {','.join(parts)} took {time.monotonic() - started:.0f} s")
-    print(f"wrote {result_path} and {args.out / 'gpu_bench.png'}")
+    print(f"wrote {result_path}" + (f" and {png}" if png else ""))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ def load_clips(path: Path) -> tuple[list[Clip], bytes]:
     return clips, base64.b64decode(data["quiet"])
 
 
-def script(clips: list[Clip], quiet: bytes, seconds: float, duty: float, rng: random.Random) -> tuple[list[bytes], set[int]]:
+def script(
+    clips: list[Clip], quiet: bytes, seconds: float, duty: float, rng: random.Random
+) -> tuple[list[bytes], set[int]]:
     """Packets for one device: utterances, each followed by the pause the duty cycle asks for."""
     packets: list[bytes] = []
     voiced_ends: set[int] = set()
@@ -167,8 +169,9 @@ def main() -> None:
     try:
         import uvloop  # a faster loop paces more devices per process
     except ImportError:
-        uvloop = None
-    share = asyncio.run(run_share(spec)) if uvloop is None else uvloop.run(run_share(spec))
+        share = asyncio.run(run_share(spec))
+    else:
+        share = uvloop.run(run_share(spec))
     result_path.write_text(json.dumps(asdict(share)))
 
 

@@ -15,6 +15,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,16 +67,17 @@ def fsmn_vad_dir() -> Path:
 
 
 def _widen_tokenizer(path: Path, pieces: int) -> None:
-    from sentencepiece import sentencepiece_model_pb2
+    from sentencepiece import sentencepiece_model_pb2 as pb  # generated code, no stubs
 
-    model = sentencepiece_model_pb2.ModelProto()
+    proto: Any = pb
+    model = proto.ModelProto()
     model.ParseFromString(path.read_bytes())
     lowest = min(p.score for p in model.pieces)
     for i in range(pieces - len(model.pieces)):
         piece = model.pieces.add()
         piece.piece = f"\u2581r{i}"
         piece.score = lowest - 1 - i
-        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+        piece.type = proto.ModelProto.SentencePiece.NORMAL
     model.trainer_spec.vocab_size = len(model.pieces)
     path.write_bytes(model.SerializeToString())
 
@@ -93,9 +95,7 @@ def _widen_ctc_head(path: Path, vocab: int, seed: int) -> None:
 def write_random_sensevoice(directory: Path, size: str = "full", seed: int = 0) -> Path:
     sizes = dict(_SIZES[size])
     vocab = int(sizes.pop("vocab_size"))
-    write_tiny_sensevoice(
-        directory, **sizes, vocab_size=min(vocab, _TRAINED_PIECES), seed=seed
-    )
+    write_tiny_sensevoice(directory, **sizes, vocab_size=min(vocab, _TRAINED_PIECES), seed=seed)
     if vocab > _TRAINED_PIECES:
         _widen_tokenizer(directory / SENSEVOICE_BPE, vocab)
         _widen_ctc_head(directory / "model.pt", vocab, seed)

@@ -5,6 +5,7 @@ Neither exists on a CPU machine; then the step simply reports no GPU figures.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import threading
@@ -62,11 +63,9 @@ class GpuSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
+            # A sampler that fails once (driver busy, nvidia-smi slow) must not end the step.
+            with contextlib.suppress(Exception):
                 self._sample()
-            except Exception:
-                # A sampler that fails once (driver busy, nvidia-smi slow) must not end the step.
-                pass
             self._stop.wait(self._interval)
 
     def _sample(self) -> None:
@@ -77,7 +76,13 @@ class GpuSampler:
             self._memory.append(memory.used / 2**20)
             return
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+            [
+                "nvidia-smi",
+                "--query-gpu=utilization.gpu,memory.used",
+                "--format=csv,noheader,nounits",
+                "-i",
+                "0",
+            ],
             capture_output=True,
             text=True,
             timeout=10,
@@ -94,7 +99,11 @@ class GpuSampler:
                     self._per_process[int(proc.pid)] = (proc.usedGpuMemory or 0) / 2**20
                 return
             out = subprocess.run(
-                ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                [
+                    "nvidia-smi",
+                    "--query-compute-apps=pid,used_memory",
+                    "--format=csv,noheader,nounits",
+                ],
                 capture_output=True,
                 text=True,
                 timeout=10,

@@ -9,12 +9,16 @@ DESIGN_ORDER = ("batched", "per-session")
 
 
 def largest_within(steps: list[dict[str, Any]], design: str) -> int:
-    return max((s["devices"] for s in steps if s["design"] == design and s["within_target"]), default=0)
+    return max(
+        (s["devices"] for s in steps if s["design"] == design and s["within_target"]), default=0
+    )
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
     steps = result.get("steps", [])
-    largest = {d: largest_within(steps, d) for d in DESIGN_ORDER if any(s["design"] == d for s in steps)}
+    largest = {
+        d: largest_within(steps, d) for d in DESIGN_ORDER if any(s["design"] == d for s in steps)
+    }
     batched, baseline = largest.get("batched", 0), largest.get("per-session", 0)
     return {
         "target_p95_processing_ms": result.get("target_ms"),
@@ -46,14 +50,17 @@ def sweep_table(steps: list[dict[str, Any]]) -> str:
             f"{s['design']:<12}{s['devices']:>6}{_fmt(p.get('p50')):>8}{_fmt(p.get('p95')):>8}"
             f"{_fmt(p.get('p99')):>8}{s['utterances_per_s']:>8.1f}{s['error_share'] * 100:>7.2f}"
             f"{_fmt(s.get('asr_batch_mean')):>7}{_fmt(gpu.get('utilisation_mean_pct')):>6}"
-            f"{_fmt(gpu.get('memory_peak_mib')):>8}{s['late_packet_share'] * 100:>7.2f}  {cpu}{mark}"
+            f"{_fmt(gpu.get('memory_peak_mib')):>8}{s['late_packet_share'] * 100:>7.2f}"
+            f"  {cpu}{mark}"
         )
     lines.append("processing latency in ms (VAD end decision -> stt sent); * = outside the target")
     return "\n".join(lines)
 
 
 def model_table(table: dict[str, Any]) -> str:
-    head = f"{'model':<12}{'precision':<10}{'batch':>6}{'latency ms':>12}{'utt/s':>10}{'peak MiB':>10}"
+    head = (
+        f"{'model':<12}{'precision':<10}{'batch':>6}{'latency ms':>12}{'utt/s':>10}{'peak MiB':>10}"
+    )
     lines = [head, "-" * len(head)]
     for row in table.get("rows", []):
         if "error" in row:
@@ -88,7 +95,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         util = [(r.get("gpu") or {}).get("utilisation_mean_pct", float("nan")) for r in rows]
         gpu.plot(n, util, "-o", color=colour, label=f"{design} GPU %")
     lat.axhline(target, color="grey", linewidth=0.8, label="p95 target")
-    lat.set(xlabel="concurrent devices", ylabel="processing latency (ms)", yscale="log", xscale="log")
+    lat.set(
+        xlabel="concurrent devices", ylabel="processing latency (ms)", yscale="log", xscale="log"
+    )
     lat.legend(fontsize=7)
     thr.set(xlabel="concurrent devices", ylabel="utterances recognised / s", xscale="log")
     thr.legend(fontsize=8)

@@ -111,7 +111,11 @@ def enrol_all(cluster: LocalCluster, devices: int, audio: np.ndarray) -> None:
     """A voiceprint per device, so every utterance also asks the speaker service."""
     url = f"http://127.0.0.1:{cluster.replicas['gateway'][0].port}"
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda i: enrol_speaker(url, ADMIN, f"bench-{i}", "bench", audio), range(devices)))
+        list(
+            pool.map(
+                lambda i: enrol_speaker(url, ADMIN, f"bench-{i}", "bench", audio), range(devices)
+            )
+        )
 
 
 def _children_cpu() -> float:
@@ -127,7 +131,9 @@ def _service_of(name: str) -> str:
 class Driver:
     """Runs steps of N devices against one started cluster."""
 
-    def __init__(self, cluster: LocalCluster, topo: Topology, work: Path, sampler: GpuSampler) -> None:
+    def __init__(
+        self, cluster: LocalCluster, topo: Topology, work: Path, sampler: GpuSampler
+    ) -> None:
         self.cluster = cluster
         self.topo = topo
         self.work = work
@@ -139,14 +145,16 @@ class Driver:
     def enrol(self, devices: int) -> None:
         enrol_all(self.cluster, devices, enrolment_audio(self.clips))
 
-    def step(self, design: str, devices: int, seconds: float, duty: float, target_ms: float) -> dict[str, Any]:
+    def step(
+        self, design: str, devices: int, seconds: float, duty: float, target_ms: float
+    ) -> dict[str, Any]:
         urls = [f"ws://127.0.0.1:{r.port}/xiaozhi/v1/" for r in self.cluster.replicas["gateway"]]
         procs = min(self.topo.load_procs, devices)
         # Connects spread over up to 10 s: thousands at once would be a handshake storm.
         ramp_s = min(10.0, devices / 100)
         answer_wait_s = 30.0
         spec_dir = Path(tempfile.mkdtemp(prefix=f"step-{devices}-", dir=self.work))
-        start_at = time.time() + 2.0  # every process has imported and read its spec by then
+        start_at = time.time() + 1.5  # every process has imported and read its spec by then
         specs = []
         for p in range(procs):
             ids = range(p, devices, procs)
@@ -188,7 +196,7 @@ class Driver:
         wall = time.monotonic() - started
         gpu = self.sampler.stop()
         shares = [_read_share(s) for s in specs]
-        cpu = {}
+        cpu: dict[str, float] = {}
         for name, pid in pids.items():
             service = _service_of(name)
             cpu[service] = cpu.get(service, 0.0) + (cpu_seconds(pid) - cpu_before[name]) / wall
