@@ -94,4 +94,16 @@ bench: setup
 bench-vad: setup
 	$(BIN)/python -m bench.vad_bench
 
+# The GPU benchmark (docs/gpu-bench.md). `make wheels-gpu` (online) gathers its dependencies
+# for Python 3.12 into wheels-gpu/; on the GPU machine, with only its own Python and CUDA
+# torch and no network, `make bench-gpu` installs them from there and runs it.
+# Options through ARGS, e.g. make bench-gpu ARGS="--parts model".
+GPU_PYTHON ?= python3
+.PHONY: bench-gpu wheels-gpu
+wheels-gpu: setup
+	$(BIN)/python scripts/gpu_bundle.py build
+
+bench-gpu:
+	PYTHON=$(GPU_PYTHON) sh scripts/gpu_bench.sh $(ARGS)
+
 include deploy/deploy.mk
