@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import AsyncIterator
 from typing import cast
 
@@ -17,6 +18,7 @@ from support.wer import word_error_rate
 from services.cluster import LocalCluster
 from services.common.audio import SAMPLE_RATE, write_wav
 from services.gateway.compat.keys import KEYS_SET
+from services.simulator.phrases import SENTENCES
 from services.simulator.speech import silence, synthesize, trim_silence
 
 pytestmark = pytest.mark.e2e
@@ -120,6 +122,23 @@ async def test_text_srt_and_vtt_formats_carry_the_same_words(
     assert [b.splitlines()[0] for b in blocks] == ["1", "2"], srt.text
     assert " --> " in blocks[0].splitlines()[1] and "," in blocks[0].splitlines()[1]
     assert vtt.text.startswith("WEBVTT\n") and "00:00:00." in vtt.text, vtt.text
+
+
+async def test_a_long_recording_is_cut_into_its_sentences_faster_than_real_time(
+    api: httpx.AsyncClient,
+) -> None:
+    # Longer than an utterance may be (30 s) and than the VAD's backlog (10 s).
+    parts = [silence(0.5)]
+    for sentence in SENTENCES:
+        parts += [trim_silence(synthesize(sentence)), silence(2.5)]
+    samples = np.concatenate(parts)
+    started = time.monotonic()
+    reply = await transcribe(api, "long.wav", write_wav(samples), response_format="verbose_json")
+    took = time.monotonic() - started
+    segments = reply.json()["segments"]
+    assert len(segments) == len(SENTENCES), [s["text"] for s in segments]
+    assert word_error_rate(SENTENCES, [s["text"] for s in segments]) <= 0.2
+    assert took < samples.size / SAMPLE_RATE / 2, took
 
 
 async def test_models_lists_what_model_may_name(api: httpx.AsyncClient) -> None:
