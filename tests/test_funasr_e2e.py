@@ -104,6 +104,20 @@ async def test_several_inputs_on_one_connection_each_get_their_own_results(
     assert word_error_rate([FIRST, SECOND], texts) <= 0.2, texts
 
 
+async def test_audio_after_an_end_is_a_new_input_with_the_same_settings(
+    client: FunasrClient,
+) -> None:
+    await client.config("offline", wav_name="again")
+    await client.ws.send(speech(FIRST))
+    await client.end()
+    await client.read_like_xiaozhi()
+    await client.ws.send(speech(SECOND))  # no new config message
+    await client.end()
+    text = await client.read_like_xiaozhi()
+    assert word_error_rate([SECOND], [untagged(text)]) <= 0.2, text
+    assert client.received[-1].message["wav_name"] == "again"
+
+
 async def test_pcm_at_8_khz_is_resampled_and_recognised(client: FunasrClient) -> None:
     narrow = resample(np.concatenate([silence(0.3), synthesize(FIRST), silence(0.8)]), 16000, 8000)
     await client.config("offline", audio_fs=8000)

@@ -89,6 +89,8 @@ class FunasrConnection:
         self._inputs = 0
         self._input: FunasrInput | None = None
         self._wav_name = "demo"
+        # The last config message: later inputs may start without one.
+        self._config: dict[str, Any] = {}
         self._since = time.monotonic()
         self._sent_s = 0.0  # seconds of audio received on this connection
         settings = ctx.settings
@@ -133,6 +135,8 @@ class FunasrConnection:
                 self._runtime.busy -= 1
 
     async def _audio(self, data: bytes) -> None:
+        if self._input is None and self._config:
+            self._begin(self._config)  # more audio after an end: the next input
         if self._input is None:
             raise ConnectionRejected(POLICY_VIOLATION, "audio before the config message")
         await self._pace(len(data) / 2 / self._input.config.audio_fs)
@@ -148,29 +152,36 @@ class FunasrConnection:
 
     async def _message(self, message: dict[str, Any]) -> None:
         if "mode" in message and self._input is None:
-            settings = self._ctx.settings
-            config = parse_config(
-                message, settings.funasr_tags, settings.asr_language, settings.asr_use_itn
-            )
-            self._wav_name = config.wav_name
-            self._inputs += 1
-            prints = self._prints if config.mode != "online" else []
-            self._input = FunasrInput(
-                self._ctx,
-                self._runtime.segmenters,
-                self._runtime.gate,
-                config,
-                f"{self._id}.{self._inputs}",
-                self._send,
-                prints,
-                settings.openai_max_upload_bytes,
-            )
-            self._input.start()
-            self._runtime.busy += 1
+            self._begin(message)
         elif "mode" in message and message["mode"] != self._input_mode():
             raise ConnectionRejected(UNSUPPORTED_DATA, "mode changed in the middle of an input")
+        elif message.get("is_speaking") is True and self._input is None and self._config:
+            # A new input with the connection's last settings, as FunASR's server allows.
+            self._begin({**self._config, **message})
         if message.get("is_speaking") is False:
             await self._end(bool(message.get("is_end", False)))
+
+    def _begin(self, message: dict[str, Any]) -> None:
+        settings = self._ctx.settings
+        config = parse_config(
+            message, settings.funasr_tags, settings.asr_language, settings.asr_use_itn
+        )
+        self._config = {k: v for k, v in message.items() if k not in ("is_speaking", "is_end")}
+        self._wav_name = config.wav_name
+        self._inputs += 1
+        prints = self._prints if config.mode != "online" else []
+        self._input = FunasrInput(
+            self._ctx,
+            self._runtime.segmenters,
+            self._runtime.gate,
+            config,
+            f"{self._id}.{self._inputs}",
+            self._send,
+            prints,
+            settings.openai_max_upload_bytes,
+        )
+        self._input.start()
+        self._runtime.busy += 1
 
     def _input_mode(self) -> str:
         return "" if self._input is None else self._input.config.mode
