@@ -31,8 +31,10 @@ def _run(ticks: list[list[np.ndarray]], final_at: int) -> list[tuple[np.ndarray,
     for t, chunks in enumerate(ticks):
         # The last stream ends at ``final_at``: that tick takes the general path.
         final = [t == final_at and i == STREAMS - 1 for i in range(STREAMS)]
-        # From the second tick on, every other tick is a regular one.
-        assert _in_step(states, chunks, final) == (t > 0 and t != final_at)
+        # Past the first tick every tick is a regular one, but the ending one
+        # and the next (the ended stream starts over).
+        regular = t > 0 and (final_at < 0 or t not in (final_at, final_at + 1))
+        assert _in_step(states, chunks, final) == regular
         out.append(frontend.extract(states, chunks, final))
     return out
 
