@@ -5,10 +5,10 @@
     python -m bench.gpu --parts batched --devices 250,500,1000,2000
 
 Parts write into one JSON (bench-results/gpu_bench.json), replacing what an
-earlier run of the same part left, so a long benchmark can run in pieces;
-the tables, the summary and the PNG are made again from the merged result
-after every part. The weights are random: the text is meaningless and only
-timing counts (the output says so).
+earlier run left for the same part (the model table) or the same design and N
+(a step), so a long benchmark can run in pieces; the tables, the summary and
+the PNG are made again from the merged result. The weights are random: the
+text is meaningless and only timing counts (the output says so).
 """
 
 from __future__ import annotations
@@ -75,27 +75,35 @@ def run_model_part(args: argparse.Namespace, device: str, out: Path) -> dict[str
 
 
 def run_design(args: argparse.Namespace, design: str, topo: Topology) -> list[dict[str, Any]]:
+    """The design's sweeps in one cluster: devices through the gateways, then (``direct``)
+    the same utterance rates sent straight to asr and speaker, recorded as ``<design>-direct``."""
     sweep = [
         int(n) for n in (args.devices if design == "batched" else args.baseline_devices).split(",")
     ]
+    names = {"devices": design, "direct": f"{design}-direct"}
+    modes = [names[m] for m in args.modes.split(",") if m]
     dirs = build_models(args.work, args.size)
     run_dir = Path(tempfile.mkdtemp(prefix=f"gpu-bench-{design}-", dir=args.work))
     steps = []
     print(f"{design}: starting the cluster ({topo}); logs in {run_dir}", flush=True)
     with running_cluster(dirs, topo, design, run_dir) as cluster:
         driver = Driver(cluster, topo, run_dir, GpuSampler())
-        driver.enrol(max(sweep))
-        if args.warmup_s > 0:
+        if design in modes:
+            driver.enrol(max(sweep))
+        if args.warmup_s > 0 and modes:
             # Kernel selection, allocator growth and lazy imports happen here, not in step 1.
-            driver.step(design, min(sweep[0], 32), args.warmup_s, args.duty, args.target_ms)
-        for devices in sweep:
-            step = driver.step(design, devices, args.seconds, args.duty, args.target_ms)
-            steps.append(step)
-            print(json.dumps(step), flush=True)
-            p50 = step["processing_ms"].get("p50", float("inf"))
-            if p50 > 4 * args.target_ms or step["error_share"] > 0.2:
-                print(f"{design}: saturated at {devices} devices; its sweep stops here", flush=True)
-                break
+            driver.step(modes[0], min(sweep[0], 32), args.warmup_s, args.duty, args.target_ms)
+        for mode in modes:
+            for devices in sweep:
+                step = driver.step(mode, devices, args.seconds, args.duty, args.target_ms)
+                steps.append(step)
+                print(json.dumps(step), flush=True)
+                p50 = step["processing_ms"].get("p50", float("inf"))
+                if p50 > 4 * args.target_ms or step["error_share"] > 0.2:
+                    print(
+                        f"{mode}: saturated at {devices} devices; its sweep stops here", flush=True
+                    )
+                    break
     return steps
 
 
@@ -105,6 +113,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", default=",".join(PARTS), help=f"any of {','.join(PARTS)}")
     p.add_argument("--devices", default="100,250,500,1000,1500,2000,3000", help="batched sweep")
     p.add_argument("--baseline-devices", default="10,20,40,80,160,320", help="per-session sweep")
+    p.add_argument(
+        "--modes",
+        default="devices,direct",
+        help="devices: simulated devices through the gateways; direct: their utterances "
+        "straight to asr and speaker (the GPU services alone)",
+    )
     p.add_argument("--seconds", type=float, default=40.0, help="talk time per step")
     p.add_argument("--warmup-s", type=float, default=15.0, help="unrecorded first step; 0: none")
     p.add_argument("--duty", type=float, default=0.3, help="fraction of time speaking")
@@ -114,6 +128,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gateways", type=int, default=topo.gateways)
     p.add_argument("--vad-replicas", type=int, default=topo.vad_replicas)
     p.add_argument("--load-procs", type=int, default=topo.load_procs)
+    p.add_argument("--asr-replicas", type=int, default=1, help="asr processes sharing the GPU")
+    p.add_argument("--speaker-replicas", type=int, default=1)
     p.add_argument("--size", choices=["full", "tiny"], default="full", help="tiny: smoke test")
     p.add_argument("--batches", default="1,2,4,8,16,32,64", help="model-only table")
     p.add_argument("--precisions", default="fp32,fp16,bf16", help="model-only table")
@@ -137,7 +153,15 @@ def main() -> None:
     result_path = args.out / "gpu_bench.json"
     result: dict[str, Any] = json.loads(result_path.read_text()) if result_path.is_file() else {}
     device = cuda_device(args.device)
-    topo = Topology(args.gateways, args.vad_replicas, args.load_procs, device, args.vad_device)
+    topo = Topology(
+        args.gateways,
+        args.vad_replicas,
+        args.load_procs,
+        device,
+        args.vad_device,
+        args.asr_replicas,
+        args.speaker_replicas,
+    )
     print(RANDOM_WEIGHTS_NOTICE, flush=True)
     result.update(
         weights="random",
@@ -154,8 +178,10 @@ def main() -> None:
         if part == "model":
             result["model_table"] = run_model_part(args, device, args.out)
         else:
-            kept = [s for s in result.get("steps", []) if s["design"] != part]
-            result["steps"] = kept + run_design(args, part, topo)
+            new = run_design(args, part, topo)
+            done = {(s["design"], s["devices"]) for s in new}
+            kept = [s for s in result.get("steps", []) if (s["design"], s["devices"]) not in done]
+            result["steps"] = kept + new
         result["summary"] = summary(result)
         result_path.write_text(json.dumps(result, indent=2))
     png = args.out / "gpu_bench.png"

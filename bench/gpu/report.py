@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-DESIGN_ORDER = ("batched", "per-session")
+DESIGN_ORDER = ("batched", "per-session", "batched-direct", "per-session-direct")
+COLOURS = ("tab:blue", "tab:red", "tab:cyan", "tab:orange")
 
 
 def largest_within(steps: list[dict[str, Any]], design: str) -> int:
@@ -16,14 +17,19 @@ def largest_within(steps: list[dict[str, Any]], design: str) -> int:
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
     steps = result.get("steps", [])
-    largest = {
-        d: largest_within(steps, d) for d in DESIGN_ORDER if any(s["design"] == d for s in steps)
-    }
-    batched, baseline = largest.get("batched", 0), largest.get("per-session", 0)
+    present = [d for d in DESIGN_ORDER if any(s["design"] == d for s in steps)]
+    largest = {d: largest_within(steps, d) for d in present}
+
+    def ratio(batched: str, baseline: str) -> float | None:
+        if not largest.get(baseline):
+            return None
+        return round(largest.get(batched, 0) / largest[baseline], 2)
+
     return {
         "target_p95_processing_ms": result.get("target_ms"),
         "largest_devices_within_target": largest,
-        "ratio_batched_to_per_session": round(batched / baseline, 2) if baseline else None,
+        "ratio_batched_to_per_session": ratio("batched", "per-session"),
+        "ratio_direct": ratio("batched-direct", "per-session-direct"),
     }
 
 
@@ -37,7 +43,7 @@ def _fmt(value: Any) -> str:
 
 def sweep_table(steps: list[dict[str, Any]]) -> str:
     head = (
-        f"{'design':<12}{'N':>6}{'p50':>8}{'p95':>8}{'p99':>8}{'utt/s':>8}{'err%':>7}"
+        f"{'design':<19}{'N':>6}{'p50':>8}{'p95':>8}{'p99':>8}{'utt/s':>8}{'err%':>7}"
         f"{'batch':>7}{'gpu%':>6}{'gpuMiB':>8}{'late%':>7}  cpu cores per service"
     )
     lines = [head, "-" * len(head)]
@@ -47,13 +53,16 @@ def sweep_table(steps: list[dict[str, Any]]) -> str:
         cpu = " ".join(f"{k}={v:.2f}" for k, v in s["cpu_per_s"].items())
         mark = "" if s["within_target"] else " *"
         lines.append(
-            f"{s['design']:<12}{s['devices']:>6}{_fmt(p.get('p50')):>8}{_fmt(p.get('p95')):>8}"
+            f"{s['design']:<19}{s['devices']:>6}{_fmt(p.get('p50')):>8}{_fmt(p.get('p95')):>8}"
             f"{_fmt(p.get('p99')):>8}{s['utterances_per_s']:>8.1f}{s['error_share'] * 100:>7.2f}"
             f"{_fmt(s.get('asr_batch_mean')):>7}{_fmt(gpu.get('utilisation_mean_pct')):>6}"
             f"{_fmt(gpu.get('memory_peak_mib')):>8}{s['late_packet_share'] * 100:>7.2f}"
             f"  {cpu}{mark}"
         )
-    lines.append("processing latency in ms (VAD end decision -> stt sent); * = outside the target")
+    lines.append(
+        "processing latency in ms (VAD end decision -> stt sent; -direct: asr and speaker"
+        " called -> both answered); * = outside the target"
+    )
     return "\n".join(lines)
 
 
@@ -83,7 +92,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     steps = result.get("steps", [])
     target = float(result.get("target_ms") or 300)
     fig, ((lat, thr), (gpu, models)) = plt.subplots(2, 2, figsize=(13, 9))
-    for design, colour in zip(DESIGN_ORDER, ("tab:blue", "tab:red"), strict=True):
+    for design, colour in zip(DESIGN_ORDER, COLOURS, strict=True):
         rows = sorted((s for s in steps if s["design"] == design), key=lambda s: s["devices"])
         if not rows:
             continue

@@ -44,6 +44,8 @@ class Topology:
     load_procs: int
     device: str
     vad_device: str
+    asr_replicas: int = 1
+    speaker_replicas: int = 1
 
     @classmethod
     def for_machine(cls, device: str, vad_device: str = "cpu") -> Topology:
@@ -97,7 +99,12 @@ def running_cluster(
         ClusterPorts(),
         profile=profile(dirs, topo),
         extra_env=design_env(design),
-        replicas={"gateway": topo.gateways, "vad": topo.vad_replicas},
+        replicas={
+            "gateway": topo.gateways,
+            "vad": topo.vad_replicas,
+            "asr": topo.asr_replicas,
+            "speaker": topo.speaker_replicas,
+        },
     )
     # Full-size models load onto the GPU in each compute process; allow for a slow disk.
     cluster.start(timeout=600)
@@ -141,6 +148,11 @@ class Driver:
         self.clips = speech()
         self.packets = work / "packets.json"
         write_packets(self.clips, self.packets)
+        self.pcm = work / "speech.npz"
+        pcm = {
+            f"clip{i:02d}": np.round(c * 32767).astype(np.int16) for i, c in enumerate(self.clips)
+        }
+        np.savez(self.pcm, **pcm)  # type: ignore[arg-type]
 
     def enrol(self, devices: int) -> None:
         enrol_all(self.cluster, devices, enrolment_audio(self.clips))
@@ -148,6 +160,9 @@ class Driver:
     def step(
         self, design: str, devices: int, seconds: float, duty: float, target_ms: float
     ) -> dict[str, Any]:
+        """One step; a design named ``<design>-direct`` sends utterances to asr and speaker
+        straight (bench/gpu/direct.py) instead of streaming Opus through the gateways."""
+        direct = design.endswith("-direct")
         urls = [f"ws://127.0.0.1:{r.port}/xiaozhi/v1/" for r in self.cluster.replicas["gateway"]]
         procs = min(self.topo.load_procs, devices)
         # Connects spread over up to 10 s: thousands at once would be a handshake storm.
@@ -169,6 +184,9 @@ class Driver:
                 "start_at": start_at,
                 "ramp_s": ramp_s,
                 "answer_wait_s": answer_wait_s,
+                "pcm": str(self.pcm),
+                "asr": [f"127.0.0.1:{r.port}" for r in self.cluster.replicas["asr"]],
+                "speaker": [f"127.0.0.1:{r.port}" for r in self.cluster.replicas["speaker"]],
             }
             path = spec_dir / f"spec{p}.json"
             path.write_text(json.dumps(spec))
@@ -178,9 +196,10 @@ class Driver:
         children_before = _children_cpu()
         self.sampler.start()
         started = time.monotonic()
+        module = "bench.gpu.direct" if direct else "bench.gpu.loadgen"
         workers = [
             subprocess.Popen(
-                [sys.executable, "-m", "bench.gpu.loadgen", str(s), str(s.with_suffix(".out"))],
+                [sys.executable, "-m", module, str(s), str(s.with_suffix(".out"))],
                 cwd=ROOT,
             )
             for s in specs
