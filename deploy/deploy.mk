@@ -21,7 +21,10 @@ $(K8S_BUILD)/%.yaml: $(shell find $(K8S_DIR) -type f)
 	kubectl kustomize $(K8S_DIR)/overlays/$* > $@.tmp
 	mv $@.tmp $@
 
+# A Job's pod template cannot change in place: the finished models Job goes
+# first, and the apply creates it again (it only verifies what is installed).
 deploy:
+	kubectl -n speechfront delete job models --ignore-not-found
 	kubectl apply -k $(K8S_DIR)/overlays/gpu
 
 images:

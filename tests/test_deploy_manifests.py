@@ -7,11 +7,13 @@ installs all of them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -623,10 +625,9 @@ def test_gpu_overlay_gives_asr_and_speaker_a_gpu_and_the_model_volume() -> None:
     for service in ("vad", "asr", "speaker"):
         mounts = {m["mountPath"] for m in _service_container(objects, service)["volumeMounts"]}
         assert "/models" in mounts
-    job = named(objects, "Job", "models")["spec"]["template"]["spec"]["containers"][0]
-    script = job["command"][-1]
-    for model_id in ("iic/SenseVoiceSmall", "iic/speech_eres2netv2_sv_zh-cn_16k-common"):
-        assert model_id in script
+    lock = json.loads(_models_fetch(objects)["models.lock.json"])
+    ids = {m["id"] for m in lock["models"]}
+    assert {"iic/SenseVoiceSmall", "iic/speech_eres2netv2_sv_zh-cn_16k-common"} <= ids
 
 
 @pytest.mark.parametrize(
@@ -648,9 +649,109 @@ def test_gpu_overlay_loads_production_models_from_the_volume(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     objects = render("gpu")
-    assert _settings(objects, "asr", monkeypatch).sensevoice_model == "/models/SenseVoiceSmall"
-    speaker = _settings(objects, "speaker", monkeypatch).eres2netv2_model
-    assert speaker.startswith("/models/")
+    lock = json.loads(_models_fetch(objects)["models.lock.json"])
+    installed = {f"/models/{m['name']}/{m['version']}" for m in lock["models"]}
+    paths = {
+        _settings(objects, "asr", monkeypatch).sensevoice_model,
+        _settings(objects, "speaker", monkeypatch).eres2netv2_model,
+        str(_settings(objects, "vad", monkeypatch).fsmn_model_dir),
+    }
+    # Each service reads one locked version's directory, and nothing unlocked.
+    assert paths == installed
+
+
+def test_models_job_and_pods_run_the_lock_s_installer() -> None:
+    objects = render("gpu")
+    fetch = _models_fetch(objects)
+    assert set(fetch) == {"models.lock.json", "fetch_models.py"}
+    job = named(objects, "Job", "models")
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    script = "/etc/speechfront-models/fetch_models.py"
+    assert container["command"][:2] == ["python", script]
+    # A finished Job goes away, so an image bump or a new lock can apply again.
+    assert job["spec"]["ttlSecondsAfterFinished"] <= 3600
+    for service in ("vad", "asr", "speaker"):
+        spec = named(objects, "Deployment", service)["spec"]["template"]["spec"]
+        [wait] = spec["initContainers"]
+        assert wait["command"][:2] == ["python", script] and "--wait" in wait["command"]
+        mounts = {m["name"]: m["mountPath"] for m in wait["volumeMounts"]}
+        assert script.startswith(mounts["models-fetch"] + "/")
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert script.startswith(mounts["models-fetch"] + "/")
+
+
+def _models_fetch(objects: list[Manifest]) -> dict[str, str]:
+    """The ConfigMap the models Job mounts (its name carries kustomize's hash)."""
+    volumes = named(objects, "Job", "models")["spec"]["template"]["spec"]["volumes"]
+    [volume] = [v for v in volumes if v["name"] == "models-fetch"]
+    data: dict[str, str] = named(objects, "ConfigMap", volume["configMap"]["name"])["data"]
+    return data
+
+
+FETCH_MODELS = REPO / "deploy" / "k8s" / "overlays" / "gpu" / "model-lock" / "fetch_models.py"
+
+
+def _fetch_models(lock: Path, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(FETCH_MODELS), str(lock), str(root), *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def _model_source(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    source = tmp_path / "source"
+    (source / "tiny" / "sub").mkdir(parents=True)
+    files = {"model.pt": b"weights", "sub/config.yaml": b"a: 1\n"}
+    for name, body in files.items():
+        (source / "tiny" / name).write_bytes(body)
+    hashes = {name: hashlib.sha256(body).hexdigest() for name, body in files.items()}
+    return source, hashes
+
+
+def _lock(tmp_path: Path, files: dict[str, str], revision: str = "abc123") -> Path:
+    entry = {"name": "tiny", "version": "v2", "id": "org/tiny", "revision": revision}
+    path = tmp_path / "models.lock.json"
+    path.write_text(json.dumps({"models": [dict(entry, files=files)]}))
+    return path
+
+
+def test_model_installer_puts_a_verified_version_in_its_own_directory(tmp_path: Path) -> None:
+    source, hashes = _model_source(tmp_path)
+    lock, root = _lock(tmp_path, hashes), tmp_path / "models"
+    assert _fetch_models(lock, root, "--source", str(source)).returncode == 0
+    installed = root / "tiny" / "v2"
+    assert (installed / "model.pt").read_bytes() == b"weights"
+    assert (installed / ".verified").is_file()
+    again = _fetch_models(lock, root, "--source", str(source))
+    assert again.returncode == 0 and "present and verified" in again.stdout
+    assert _fetch_models(lock, root, "--wait", "1").returncode == 0
+
+
+def test_model_installer_installs_nothing_when_a_checksum_differs(tmp_path: Path) -> None:
+    source, hashes = _model_source(tmp_path)
+    lock, root = _lock(tmp_path, dict(hashes, **{"model.pt": "0" * 64})), tmp_path / "models"
+    result = _fetch_models(lock, root, "--source", str(source))
+    assert result.returncode != 0 and "checksum mismatch" in result.stderr
+    assert not (root / "tiny" / "v2").exists()
+    assert _fetch_models(lock, root, "--wait", "0").returncode != 0
+
+
+def test_model_installer_refuses_a_lock_without_hashes_and_lists_what_it_fetched(
+    tmp_path: Path,
+) -> None:
+    source, hashes = _model_source(tmp_path)
+    lock, root = _lock(tmp_path, {}), tmp_path / "models"
+    result = _fetch_models(lock, root, "--source", str(source))
+    assert result.returncode != 0
+    assert hashes["model.pt"] in result.stderr  # to review and pin
+    assert not (root / "tiny" / "v2").exists()
+
+
+def test_the_shipped_lock_names_every_production_model_with_a_version() -> None:
+    lock = json.loads((FETCH_MODELS.parent / "models.lock.json").read_text())
+    for entry in lock["models"]:
+        assert set(entry) == {"name", "version", "id", "revision", "files"}
+        assert entry["version"] and entry["id"].startswith("iic/")
 
 
 def test_cpu_lite_overlay_requests_no_gpu_and_reads_baked_weights(
