@@ -24,6 +24,7 @@ from services.common.config import load_settings
 from services.common.grpc_service import configure_logging
 from services.common.logging_filter import RedactSecrets
 from services.common.loop_monitor import LoopLagMonitor
+from services.gateway import metrics as gateway_metrics
 from services.gateway.compat.funasr_server import FunasrRuntime, FunasrServer
 from services.gateway.compat.http import CompatHttp
 from services.gateway.compute import ComputeClients
@@ -36,7 +37,7 @@ from services.gateway.session import DeviceSession
 from services.gateway.speakers_api import AdminRequestGuard
 from services.gateway.speakers_api import router as speakers_router
 from services.gateway.store import SessionStore
-from services.gateway.vad_client import VadStreamClient
+from services.gateway.vad_client import VAD_STALLS, VadStreamClient
 from services.gateway.vad_router import VadRouter
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,17 @@ MAX_SESSIONS = Gauge(
 )
 
 DEVICE_PATHS = ("/xiaozhi/v1/", "/xiaozhi/v1")
+# Outcomes that alerts count from their first occurrence: a counter series
+# born at 1 shows no increase to rate(), so they exist at 0 from the start.
+COUNTED_OUTCOMES = ("ok", "asr_error", "overloaded", "dropped_backlog", "truncated")
+VAD_STALL_SIGNS = ("health", "progress")
+
+
+def _initialise_counters() -> None:
+    for outcome in COUNTED_OUTCOMES:
+        gateway_metrics.UTTERANCES.labels(outcome)
+    for sign in VAD_STALL_SIGNS:
+        VAD_STALLS.labels(sign)
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -82,6 +94,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.ctx = ctx
         app.state.compat = compat
         MAX_SESSIONS.set(settings.max_sessions)
+        _initialise_counters()
         loop_monitor = LoopLagMonitor("gateway")
         loop_monitor.start()
         store.start()
