@@ -115,3 +115,11 @@ def test_partial_gate_at_zero_lets_one_probe_through_at_a_time() -> None:
 
 def test_partial_gate_with_a_ceiling_of_zero_never_opens() -> None:
     assert not PartialGate(0).take()
+
+
+def test_no_partial_starts_while_a_final_is_being_recognised() -> None:
+    gate = PartialGate(4)
+    gate.finals = 1
+    assert not gate.take()
+    gate.finals = 0
+    assert gate.take()

@@ -43,8 +43,8 @@ PARTIAL_DEADLINE_S = 1.0
 OVERLOAD = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
 # The ASR batcher waits up to 10 ms to fill a batch: an answer queued much
 # longer was behind others (see PartialGate).
-QUEUE_HIGH_MS = 100.0
-QUEUE_LOW_MS = 30.0
+QUEUE_HIGH_MS = 40.0
+QUEUE_LOW_MS = 20.0
 PROBE_S = 2.0
 
 
@@ -73,15 +73,20 @@ class PartialGate:
     refused, and grows by one for each answer that barely queued: partials
     use the room the finals leave and give it back as soon as they queue. At
     a limit of zero one partial goes every ``PROBE_S``, to notice the room.
+    No partial starts while a final of this gateway's FunASR inputs is being
+    recognised: in the batcher it would share the final's model call.
     """
 
     def __init__(self, ceiling: int) -> None:
         self.ceiling = ceiling
         self.limit = ceiling
         self.in_flight = 0
+        self.finals = 0  # finals being recognised
         self._probe_at = 0.0
 
     def take(self) -> bool:
+        if self.finals:
+            return False
         if self.in_flight < self.limit:
             self.in_flight += 1
             return True
@@ -206,12 +211,14 @@ class FunasrInput:
 
     async def _transcribe(self, pcm: bytes, request_id: str, timeout: float) -> Any:
         started = time.monotonic()
+        self._gate.finals += 1
         try:
             config = self.config
             return await self._ctx.compute.recognize(
                 pcm, config.language, config.itn, request_id, timeout
             )
         finally:
+            self._gate.finals -= 1
             gateway_metrics.COMPUTE_SECONDS.labels("asr").observe(time.monotonic() - started)
 
     async def _identify(self, pcm: bytes, request_id: str) -> Any:
