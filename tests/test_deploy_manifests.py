@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
+import redis
 import yaml
 from cloudcoil.models.keda.v1alpha1 import ScaledObject
 from cloudcoil.models.prometheus_operator.v1 import PodMonitor, PrometheusRule, ServiceMonitor
@@ -44,6 +46,7 @@ from support.deploy import (
 
 from services.asr.config import AsrSettings
 from services.cli import SERVICES
+from services.cluster import free_port, probe_redis
 from services.gateway.app import create_app
 from services.gateway.config import GatewaySettings
 from services.speaker.config import SpeakerSettings
@@ -884,3 +887,93 @@ def test_capacity_dashboard_draws_the_autoscaling_targets() -> None:
         for t in so["spec"]["triggers"]
     }
     assert drawn == thresholds
+
+
+# -- the Redis users, on a real redis-server --------------------------------------
+
+
+@pytest.fixture
+def manifest_redis(tmp_path: Path) -> Iterator[tuple[int, str, str]]:
+    """redis-server started with the redis container's own arguments (passwords
+    filled in, its data in a temporary directory, on a free loopback port)."""
+    server = shutil.which("redis-server")
+    assert server, "redis-server is missing (make setup)"
+    gateway_password, backend_password = "gw-" + os.urandom(8).hex(), "be-" + os.urandom(8).hex()
+    args = [
+        a.replace("$(REDIS_PASSWORD)", gateway_password).replace(
+            "$(BACKEND_PASSWORD)", backend_password
+        )
+        for a in _redis_container(render("gpu"))["args"]
+    ]
+    args[args.index("--dir") + 1] = str(tmp_path)
+    port = free_port()
+    process = subprocess.Popen(
+        [server, *args, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        for _ in range(100):
+            if probe_redis(port, gateway_password):
+                break
+            assert process.poll() is None, "redis-server refused the manifest's arguments"
+            time.sleep(0.05)
+        yield port, gateway_password, backend_password
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_the_dialogue_backend_user_runs_the_example_backend_and_nothing_more(
+    manifest_redis: tuple[int, str, str], tmp_path: Path
+) -> None:
+    port, gateway_password, backend_password = manifest_redis
+    gateway = redis.Redis(port=port, password=gateway_password, decode_responses=True)
+    backend = redis.Redis(
+        port=port, username="backend", password=backend_password, decode_responses=True
+    )
+    replies = gateway.pubsub()
+    replies.subscribe("sf:reply:s1")
+    env = {
+        **os.environ,
+        "SF_BACKEND_REDIS_URL": f"redis://backend:{backend_password}@127.0.0.1:{port}/0",
+    }
+    with (tmp_path / "backend.log").open("wb") as log:
+        echo = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "echo-backend"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        )  # fmt: skip
+    try:
+        # The gateway appends a transcript (as it does); the backend, under its
+        # own user, reads it through its consumer group and answers the session.
+        deadline = time.monotonic() + 30
+        reply = None
+        while reply is None and time.monotonic() < deadline:
+            assert echo.poll() is None, (tmp_path / "backend.log").read_text()
+            gateway.xadd(
+                "sf:transcripts",
+                {"utterance_id": "u1", "session_id": "s1", "device_id": "d1", "text": "hi"},
+            )
+            message = replies.get_message(timeout=1.0)
+            while message is not None and message["type"] != "message":
+                message = replies.get_message(timeout=1.0)
+            reply = message
+        assert reply is not None, (tmp_path / "backend.log").read_text()
+        assert json.loads(reply["data"])["text"] == "You said: hi"
+    finally:
+        echo.terminate()
+        echo.wait(10)
+        replies.close()
+    # What only the gateways may do.
+    for refused in (
+        lambda: backend.hset("sf:auth:tokens", "t", "d"),
+        lambda: backend.hgetall("sf:voiceprints:d1"),
+        lambda: backend.xadd("sf:transcripts", {"text": "forged"}),
+        lambda: backend.publish("sf:control:gateway-1", "close"),
+        lambda: backend.flushall(),
+        lambda: backend.config_get("requirepass"),
+        lambda: backend.client_kill_filter(skipme=True),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            refused()
+    assert gateway.hset("sf:auth:tokens", "t", "d") == 1
