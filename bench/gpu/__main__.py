@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -142,8 +143,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def raise_open_files_limit() -> None:
+    """Thousands of WebSockets per gateway and load generator outgrow the usual soft limit
+    of 1024 descriptors; the processes started from here inherit the raised one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def main() -> None:
     args = parser().parse_args()
+    raise_open_files_limit()
     parts = [p for p in args.parts.split(",") if p]
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -163,6 +174,8 @@ def main() -> None:
         args.speaker_replicas,
     )
     print(RANDOM_WEIGHTS_NOTICE, flush=True)
+    if args.size == "tiny":
+        print("--size tiny: SenseVoice is a toy-size model here (the smoke test's setting)")
     result.update(
         weights="random",
         notice=RANDOM_WEIGHTS_NOTICE,

@@ -111,6 +111,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     thr.set(xlabel="concurrent devices", ylabel="utterances recognised / s", xscale="log")
     thr.legend(fontsize=8)
     gpu.set(xlabel="concurrent devices", ylabel="GPU utilisation (%)", xscale="log", ylim=(0, 105))
+    if not any((s.get("gpu") or {}).get("utilisation_mean_pct") is not None for s in steps):
+        gpu.text(0.5, 0.5, "no GPU on this machine", ha="center", transform=gpu.transAxes)
     gpu.legend(fontsize=8)
     table = result.get("model_table") or {}
     series: dict[tuple[str, str], list[tuple[int, float]]] = {}

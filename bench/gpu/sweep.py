@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 from bench.gpu.clips import enrolment_audio, speech, write_packets
@@ -117,12 +118,21 @@ def running_cluster(
 def enrol_all(cluster: LocalCluster, devices: int, audio: np.ndarray) -> None:
     """A voiceprint per device, so every utterance also asks the speaker service."""
     url = f"http://127.0.0.1:{cluster.replicas['gateway'][0].port}"
+
+    def enrol(i: int) -> None:
+        # A few tries: with batch size 1 (the baseline) on a busy CPU an enrolment can
+        # outlast the gateway's speaker deadline while the others queue.
+        for attempt in range(3):
+            try:
+                enrol_speaker(url, ADMIN, f"bench-{i}", "bench", audio)
+                return
+            except httpx.HTTPError:
+                if attempt == 2:
+                    raise
+                time.sleep(1.0)
+
     with ThreadPoolExecutor(16) as pool:
-        list(
-            pool.map(
-                lambda i: enrol_speaker(url, ADMIN, f"bench-{i}", "bench", audio), range(devices)
-            )
-        )
+        list(pool.map(enrol, range(devices)))
 
 
 def _children_cpu() -> float:
