@@ -172,11 +172,12 @@ LD_LIBRARY_PATH="{lib}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}" exec "{lib}/redis
 """
 
 
-def install(bundle: Path, into: Path, bundled: bool = False) -> dict[str, str]:
+def install(bundle: Path, into: Path, bundled: bool = False, tree: Path = ROOT) -> dict[str, str]:
     """Unpack the bundle for this Python; returns the environment the benchmark needs.
 
     ``bundled`` uses the bundle's libopus and redis-server even where the machine has its
-    own (to prove the bundle complete on a machine that has them).
+    own (to prove the bundle complete on a machine that has them). ``tree`` is the checkout
+    that gets the generated gRPC modules and goes on PYTHONPATH.
     """
     manifest = json.loads((bundle / "manifest.json").read_text())
     if sys.version_info[:2] != (3, 12):
@@ -209,7 +210,7 @@ def install(bundle: Path, into: Path, bundled: bool = False) -> dict[str, str]:
         (site / "av").mkdir()
         (site / "av" / "__init__.py").write_text(_AV_STANDIN)
     env = {
-        "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]),
+        "PYTHONPATH": os.pathsep.join([str(site), str(tree)]),
         "SF_BENCH_FSMN_DIR": str(bundle.resolve() / "fsmn-vad"),
         "SF_BENCH_CLIPS": str(bundle.resolve() / "speech.npz"),
     }
@@ -221,10 +222,14 @@ def install(bundle: Path, into: Path, bundled: bool = False) -> dict[str, str]:
         wrapper = bin_dir / "redis-server"
         wrapper.write_text(_REDIS_WRAPPER.format(lib=lib))
         wrapper.chmod(0o755)
+        check = subprocess.run([str(wrapper), "--version"], capture_output=True, text=True)
+        if check.returncode != 0:
+            # Most likely a system library the bundle assumes (libssl3, libsystemd0) is absent.
+            raise SystemExit(f"the bundled redis-server does not run here:\n{check.stderr}")
         env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
         print("the local cluster will run the bundle's redis-server")
-    protos = ROOT / "services" / "protos"
-    protos.mkdir(exist_ok=True)
+    protos = tree / "services" / "protos"
+    protos.mkdir(parents=True, exist_ok=True)
     for module in (bundle / "protos").glob("*.py"):
         shutil.copy2(module, protos / module.name)
     (into / "env.sh").write_text("".join(f"export {k}='{v}'\n" for k, v in env.items()))
