@@ -147,6 +147,23 @@ async def test_models_lists_what_model_may_name(api: httpx.AsyncClient) -> None:
     assert "gpt-4o-mini-transcribe" in names and "whisper-1" in names
 
 
+async def test_a_wav_named_mp3_is_decoded_by_its_content(
+    api: httpx.AsyncClient, wav: bytes
+) -> None:
+    reply = await transcribe(api, "actually-a-wav.mp3", wav)
+    assert reply.status_code == 200, reply.text
+    assert word_error_rate([BOTH], [reply.json()["text"]]) <= 0.2, reply.text
+
+
+async def test_a_file_type_openai_does_not_take_is_a_400_naming_the_types(
+    api: httpx.AsyncClient, wav: bytes
+) -> None:
+    reply = await transcribe(api, "speech.txt", wav)
+    assert reply.status_code == 400
+    assert reply.json()["error"]["code"] == "invalid_file_format"
+    assert "mp3" in reply.json()["error"]["message"]
+
+
 async def test_a_file_that_is_not_audio_is_a_400_in_openai_shape(api: httpx.AsyncClient) -> None:
     reply = await transcribe(api, "notes.mp3", b"these are my notes, not audio\n" * 200)
     assert reply.status_code == 400
