@@ -977,3 +977,22 @@ def test_the_dialogue_backend_user_runs_the_example_backend_and_nothing_more(
         with pytest.raises(redis.exceptions.NoPermissionError):
             refused()
     assert gateway.hset("sf:auth:tokens", "t", "d") == 1
+
+
+@overlays
+def test_only_the_gateway_holds_a_token_and_it_may_only_patch_pods(overlay: str) -> None:
+    """Its session count becomes the pod's deletion cost: scale-in removes the emptiest."""
+    objects = render(overlay)
+    for where, spec in _pod_specs(objects):
+        mounts_token = spec.get("automountServiceAccountToken", True)
+        assert mounts_token == (where == "Deployment/gateway"), where
+    spec = named(objects, "Deployment", "gateway")["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "gateway"
+    [binding] = by_kind(objects, "RoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "gateway", "namespace": "speechfront"}
+    ]
+    role = named(objects, "Role", binding["roleRef"]["name"])
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
+    env = _container_env(objects, _service_container(objects, "gateway"))
+    assert "POD_NAMESPACE" in env and "SF_GATEWAY_GATEWAY_ID" in env

@@ -31,6 +31,7 @@ from services.gateway.compute import ComputeClients
 from services.gateway.config import GatewaySettings
 from services.gateway.connection import serve_device
 from services.gateway.context import GatewayContext
+from services.gateway.deletion_cost import DeletionCost, in_cluster
 from services.gateway.hub import SessionHub
 from services.gateway.recognition import Recognizer
 from services.gateway.session import DeviceSession
@@ -95,6 +96,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.compat = compat
         MAX_SESSIONS.set(settings.max_sessions)
         _initialise_counters()
+        # In a Kubernetes pod: scale-in removes the gateways with fewest sessions.
+        pod = in_cluster(settings.gateway_id)
+        deletion_cost = None if pod is None else DeletionCost(pod, lambda: len(hub.sessions))
+        if deletion_cost is not None:
+            deletion_cost.start()
         loop_monitor = LoopLagMonitor("gateway")
         loop_monitor.start()
         store.start()
@@ -109,6 +115,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         try:
             yield
         finally:
+            if deletion_cost is not None:
+                await deletion_cost.stop()
             if funasr is not None:
                 await funasr.stop()
             await loop_monitor.stop()
