@@ -42,6 +42,7 @@ LIMIT_MIB = 60
 
 # Found by running the services, the simulator and the benchmark with every other
 # distribution made unimportable; torch and its own requirements are the machine's.
+# torch-complex and charset-normalizer only silence funasr's and requests' warnings.
 RUNTIME = [
     "numpy", "grpcio", "grpcio-health-checking", "protobuf", "fastapi", "starlette", "anyio",
     "idna", "pydantic", "pydantic-core", "pydantic-settings", "annotated-types",
@@ -50,7 +51,7 @@ RUNTIME = [
     "prometheus-client", "opuslib", "kaldi-native-fbank", "httpx", "httpcore", "certifi",
     "sentencepiece", "omegaconf", "antlr4-python3-runtime", "tqdm", "hydra-core", "packaging",
     "kaldiio", "librosa", "lazy-loader", "rapidfuzz", "six", "requests", "urllib3",
-    "opentelemetry-api", "funasr",
+    "opentelemetry-api", "funasr", "torch-complex", "charset-normalizer",
 ]  # fmt: skip
 # Published as source only (pure Python): built into wheels here.
 SOURCE_ONLY = {"opuslib", "antlr4-python3-runtime"}
