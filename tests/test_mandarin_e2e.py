@@ -117,6 +117,16 @@ async def test_a_device_whose_hello_names_mandarin_is_heard_in_mandarin(
     assert store.hget(f"sf:session:{device.session_id}", "language") == "zh"
 
 
+async def test_the_language_a_hello_names_is_the_one_recognised_in(connect: Connect) -> None:
+    # Told English, Whisper writes the Mandarin speech in English words: the
+    # hello's language, not detection, decided.
+    device = connect(language="en")
+    await device.connect()
+    [result] = await device.speak_auto([mandarin()])
+    assert result.message["language"] == "en"
+    assert not any("\u4e00" <= c <= "\u9fff" for c in result.text), result.text
+
+
 async def test_english_on_the_multilingual_profile_keeps_its_wer_bound(
     connect: Connect,
 ) -> None:
