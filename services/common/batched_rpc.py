@@ -40,6 +40,17 @@ async def decode_or_abort(
     raise AssertionError("context.abort always raises")
 
 
+# Call metadata marking a request as low priority (``DynamicBatcher``): the
+# gateway sends it with partial re-recognitions of speech still being spoken.
+PRIORITY_KEY = "sf-priority"
+LOW_PRIORITY = "low"
+
+
+def low_priority(context: grpc.aio.ServicerContext) -> bool:
+    metadata = context.invocation_metadata() or ()
+    return any(key == PRIORITY_KEY and value == LOW_PRIORITY for key, value in metadata)
+
+
 async def submit_or_abort(
     batcher: DynamicBatcher[RequestT, ResultT],
     request: RequestT,
@@ -47,7 +58,7 @@ async def submit_or_abort(
 ) -> Batched[ResultT]:
     remaining = context.time_remaining()
     try:
-        return await batcher.submit(request, timeout=remaining)
+        return await batcher.submit(request, timeout=remaining, low_priority=low_priority(context))
     except (QueueFullError, DeadlineExpiredError) as exc:
         await context.abort(status_for(exc), str(exc))
     except Exception as exc:

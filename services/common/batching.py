@@ -11,6 +11,13 @@ overload a plain FIFO queue fills with requests that each wait almost their
 whole deadline, so most finish just too late and the work is wasted; refusing
 by expected wait (batches ahead x recent batch time) keeps the admitted ones
 on time and tells the others immediately.
+
+Low-priority requests (``submit(..., low_priority=True)``: partial results
+that re-recognise speech still being spoken) only use time the others leave:
+one is refused at once while any normal request waits, it never shares a
+model call with normal ones, and normal requests go first whatever their
+age, so a normal request waits at most for a low-priority batch already
+running.
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ class _Waiting(Generic[RequestT, ResultT]):
     deadline: float | None
     future: asyncio.Future[Batched[ResultT]]
     enqueued: float = field(default_factory=time.monotonic)
+    low: bool = False
 
 
 class DynamicBatcher(Generic[RequestT, ResultT]):
@@ -111,7 +119,9 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
         """Seconds until a request submitted now would have its result, if known."""
         if self._batch_seconds is None:
             return None
-        batches = math.ceil((len(self._waiting) + 1) / self._limits.max_batch)
+        # Low-priority requests wait behind, not ahead.
+        ahead = sum(1 for item in self._waiting if not item.low)
+        batches = math.ceil((ahead + 1) / self._limits.max_batch)
         if self._in_flight:
             batches += 1
         return batches * self._batch_seconds
@@ -141,13 +151,20 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
         self._waiting.clear()
         metrics.QUEUE_DEPTH.labels(self._service).set(0)
 
-    async def submit(self, request: RequestT, timeout: float | None = None) -> Batched[ResultT]:
+    async def submit(
+        self, request: RequestT, timeout: float | None = None, low_priority: bool = False
+    ) -> Batched[ResultT]:
         if self._stopping:
             metrics.REQUESTS.labels(self._service, "rejected").inc()
             raise ShuttingDownError(f"{self._service} is shutting down")
         if len(self._waiting) >= self._limits.max_queue:
             metrics.REQUESTS.labels(self._service, "rejected").inc()
             raise QueueFullError(f"{self._service} queue is full ({self._limits.max_queue})")
+        if low_priority and (
+            self._normal_waiting() or self._low_waiting() >= self._limits.max_batch
+        ):
+            metrics.REQUESTS.labels(self._service, "rejected").inc()
+            raise QueueFullError(f"{self._service} is busy: low-priority request refused")
         expected = self.expected_wait()
         if timeout is not None and expected is not None and expected > timeout:
             metrics.REQUESTS.labels(self._service, "rejected").inc()
@@ -162,6 +179,7 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
             audio_seconds=self._audio_seconds(request),
             deadline=None if timeout is None else time.monotonic() + timeout,
             future=loop.create_future(),
+            low=low_priority,
         )
         self._waiting.append(item)
         metrics.QUEUE_DEPTH.labels(self._service).set(len(self._waiting))
@@ -178,10 +196,13 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
                 await self._run(batch)
 
     async def _collect(self) -> list[_Waiting[RequestT, ResultT]]:
-        """Take the oldest request's group, waiting up to max_wait_ms for it to fill."""
+        """Take the oldest request's group, waiting up to max_wait_ms for it to fill.
+
+        The oldest normal request comes first; low-priority ones only when no
+        normal one waits, and never in the same batch."""
         limits = self._limits
-        window_end = self._waiting[0].enqueued + limits.max_wait_ms / 1000
-        while self._fill_count(self._waiting[0].group) < limits.max_batch:
+        window_end = self._head().enqueued + limits.max_wait_ms / 1000
+        while self._fill_count(self._head()) < limits.max_batch:
             remaining = window_end - time.monotonic()
             if remaining <= 0:
                 break
@@ -190,7 +211,8 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except TimeoutError:
                 break
-        group = self._waiting[0].group
+        head = self._head()
+        group, low = head.group, head.low
         batch: list[_Waiting[RequestT, ResultT]] = []
         kept: deque[_Waiting[RequestT, ResultT]] = deque()
         seconds = 0.0
@@ -209,6 +231,7 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
                 continue
             fits = (
                 item.group == group
+                and item.low == low
                 and len(batch) < limits.max_batch
                 and (not batch or seconds + item.audio_seconds <= limits.max_audio_seconds)
             )
@@ -221,8 +244,18 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
         metrics.QUEUE_DEPTH.labels(self._service).set(len(self._waiting))
         return batch
 
-    def _fill_count(self, group: Hashable) -> int:
-        return sum(1 for item in self._waiting if item.group == group)
+    def _head(self) -> _Waiting[RequestT, ResultT]:
+        """The request the next batch is built around: the oldest normal one, if any."""
+        return next((item for item in self._waiting if not item.low), self._waiting[0])
+
+    def _fill_count(self, head: _Waiting[RequestT, ResultT]) -> int:
+        return sum(1 for i in self._waiting if i.group == head.group and i.low == head.low)
+
+    def _normal_waiting(self) -> int:
+        return sum(1 for item in self._waiting if not item.low)
+
+    def _low_waiting(self) -> int:
+        return len(self._waiting) - self._normal_waiting()
 
     async def _run(self, batch: list[_Waiting[RequestT, ResultT]]) -> None:
         # Similar lengths side by side keep padding low for engines that pad.

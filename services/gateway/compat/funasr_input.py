@@ -20,6 +20,7 @@ import grpc
 
 from services.common.audio import SAMPLE_RATE, float_to_pcm16, pcm16_to_float, resample
 from services.common.audio import samples_to_ms as ms
+from services.common.batched_rpc import LOW_PRIORITY, PRIORITY_KEY
 from services.gateway import metrics as gateway_metrics
 from services.gateway.compat import metrics
 from services.gateway.compat.audio_files import decode_file
@@ -41,6 +42,9 @@ Send = Callable[[dict[str, Any]], Awaitable[bool]]
 # never queued behind finals.
 PARTIAL_DEADLINE_S = 1.0
 OVERLOAD = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+# Partials queue behind every final in the ASR's batcher and are refused
+# while one waits (services/common/batching.py).
+LOW_PRIORITY_CALL = ((PRIORITY_KEY, LOW_PRIORITY),)
 # The ASR batcher waits up to 10 ms to fill a batch: an answer queued much
 # longer was behind others (see PartialGate).
 QUEUE_HIGH_MS = 40.0
@@ -357,7 +361,9 @@ class FunasrInput:
             request_id=request_id,
         )
         timeout = max(PARTIAL_DEADLINE_S, config.stride / SAMPLE_RATE)
-        response: asr_pb2.RecognizeResponse = await replica.stub.Recognize(request, timeout=timeout)
+        response: asr_pb2.RecognizeResponse = await replica.stub.Recognize(
+            request, timeout=timeout, metadata=LOW_PRIORITY_CALL
+        )
         return response
 
 
