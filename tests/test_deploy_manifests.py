@@ -47,6 +47,7 @@ from support.deploy import (
 from services.asr.config import AsrSettings
 from services.cli import SERVICES
 from services.cluster import free_port, probe_redis
+from services.common.grpc_service import LIVENESS
 from services.gateway.app import create_app
 from services.gateway.config import GatewaySettings
 from services.speaker.config import SpeakerSettings
@@ -996,3 +997,11 @@ def test_only_the_gateway_holds_a_token_and_it_may_only_patch_pods(overlay: str)
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
     env = _container_env(objects, _service_container(objects, "gateway"))
     assert "POD_NAMESPACE" in env and "SF_GATEWAY_GATEWAY_ID" in env
+
+
+@overlays
+def test_batched_services_liveness_asks_whether_the_model_call_has_hung(overlay: str) -> None:
+    objects = render(overlay)
+    for service in ("asr", "speaker"):
+        probe = _service_container(objects, service)["livenessProbe"]["grpc"]
+        assert probe["service"] == LIVENESS, service

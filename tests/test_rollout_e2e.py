@@ -24,10 +24,12 @@ import httpx
 import numpy as np
 import pytest
 from conftest import ADMIN_TOKEN, DEVICE_TOKEN, SPEAKER_THRESHOLD
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.wer import word_error_rate
 
 from services.cluster import LocalCluster
 from services.common.audio import float_to_pcm16
+from services.common.grpc_service import LIVENESS
 from services.protos import asr_pb2, asr_pb2_grpc
 from services.simulator.admin import enrol_speaker
 from services.simulator.device import DeviceConfig, SimulatedDevice
@@ -161,6 +163,18 @@ async def test_a_second_asr_replica_takes_calls_within_seconds_of_being_ready(
     assert answered_s < 2 * JOIN_LIMIT_S
     assert all(len(r) == 5 for r in results)
     await asyncio.gather(*(d.close() for d in talkers))
+
+
+async def test_batched_replicas_answer_the_liveness_check_the_kubelet_asks(
+    rollout: LocalCluster,
+) -> None:
+    for name in ("asr", "speaker"):
+        port = rollout.replica(name).port
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=LIVENESS), timeout=5
+            )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
 
 
 async def test_a_stopping_asr_replica_answers_the_calls_it_took_and_refuses_new_ones_unavailable(

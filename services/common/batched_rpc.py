@@ -80,4 +80,5 @@ async def serve_batched(
     async def stop() -> None:
         await batcher.stop(settings.shutdown_grace_s)
 
-    await run_grpc_service(name, settings, register, start, stop)
+    # Liveness: the model call now running has not hung (see DynamicBatcher.stuck).
+    await run_grpc_service(name, settings, register, start, stop, alive=lambda: not batcher.stuck())

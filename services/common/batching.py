@@ -52,6 +52,10 @@ class ShuttingDownError(Exception):
 
 # Weight of the newest batch in the running mean of batch time.
 _BATCH_TIME_SMOOTHING = 0.2
+# A model call running this many times the usual call time, and at least
+# STUCK_FLOOR_S, is taken for a hung inference thread (the liveness check).
+STUCK_FACTOR = 20.0
+STUCK_FLOOR_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,8 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
         self._consumer: asyncio.Task[None] | None = None
         self._stopping = False
         self._in_flight = 0
+        # When the model call now running started (None between calls).
+        self._call_started: float | None = None
         # Smoothed wall time of one model call; None until the first completes.
         self._batch_seconds: float | None = None
 
@@ -133,6 +139,17 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    def call_running_for(self) -> float:
+        """Seconds the model call now running has taken so far (0 between calls)."""
+        started = self._call_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    def stuck(self, floor_s: float = STUCK_FLOOR_S) -> bool:
+        """The model call has run far longer than calls take (a hung inference thread):
+        ``STUCK_FACTOR`` times the usual call time, and at least ``floor_s``."""
+        usual = self._batch_seconds or 0.0
+        return self.call_running_for() > max(floor_s, STUCK_FACTOR * usual)
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         """Refuse new requests, let queued and running batches finish (bounded),
@@ -262,6 +279,7 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
         batch.sort(key=lambda item: item.audio_seconds)
         started = time.monotonic()
         self._in_flight += len(batch)
+        self._call_started = started
         try:
             results = await self._inference.run(self._run_batch, [i.request for i in batch])
         except Exception as exc:
@@ -272,6 +290,7 @@ class DynamicBatcher(Generic[RequestT, ResultT]):
             return
         finally:
             self._in_flight -= len(batch)
+            self._call_started = None
         model_s = time.monotonic() - started
         self._batch_seconds = (
             model_s

@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from services.common import logging_filter
 from services.common.metrics import serve_metrics
 from services.common.settings import ServiceSettings
+from services.common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,14 @@ async def run_grpc_service(
     register: Callable[[grpc.aio.Server], None],
     start: Callable[[], Awaitable[None]],
     stop: Callable[[], Awaitable[None]],
+    alive: Callable[[], bool] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then stop taking work and drain.
 
     ``start`` runs before the port reports SERVING (models loaded and warm).
+    The health service name ``liveness`` (the kubelet's liveness probe) reports
+    ``alive()`` every second: the event loop answering is not enough when the
+    inference thread hangs.
     On the signal, in this order: health reports NOT_SERVING; the server stops
     taking new calls (it sends GOAWAY, and a call that arrives anyway fails
     UNAVAILABLE, which clients retry on another replica) while the calls it
@@ -81,9 +86,10 @@ async def run_grpc_service(
         serve_metrics(settings.metrics_port, settings.host)
     await server.start()
     await start()
-    for service in ("", name):
+    for service in ("", name, LIVENESS):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("%s serving on %s:%d (metrics :%d)", name, settings.host, bound, settings.metrics_port)
+    watch = asyncio.create_task(_watch_liveness(health_servicer, alive)) if alive else None
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -99,7 +105,30 @@ async def run_grpc_service(
         await stop()
     finally:
         await closing
+        await cancel_and_wait(watch)
     log.info("%s stopped", name)
+
+
+LIVENESS = "liveness"
+
+
+async def _watch_liveness(
+    health_servicer: health.aio.HealthServicer, alive: Callable[[], bool]
+) -> None:
+    reported = True
+    while True:
+        await asyncio.sleep(1.0)
+        now = alive()
+        if now != reported:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if now
+                else (health_pb2.HealthCheckResponse.NOT_SERVING)
+            )
+            await health_servicer.set(LIVENESS, status)
+            if not now:
+                log.error("not alive: the inference thread has not come back; liveness fails")
+            reported = now
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
