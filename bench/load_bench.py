@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from services.asr.config import AsrSettings
 from services.cluster import ClusterPorts, LocalCluster
 from services.simulator.admin import enrol_speaker
 from services.simulator.device import FRAME_SAMPLES, DeviceConfig, SimulatedDevice
@@ -326,6 +327,8 @@ async def main_async(args: argparse.Namespace) -> None:
     summary = {
         "target_p95_user_perceived_ms": args.target_ms,
         "asr_replicas": args.asr_replicas,
+        # The clusters' ASR reads the same environment: SF_ASR_WHISPER_MODEL=base|tiny.en.
+        "whisper_model": AsrSettings().whisper_model,
         "largest_devices_within_target": {
             d: largest_within(results, d, args.target_ms) for d in DESIGNS if d in args.designs
         },
