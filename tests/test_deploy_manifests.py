@@ -1005,3 +1005,29 @@ def test_batched_services_liveness_asks_whether_the_model_call_has_hung(overlay:
     for service in ("asr", "speaker"):
         probe = _service_container(objects, service)["livenessProbe"]["grpc"]
         assert probe["service"] == LIVENESS, service
+
+
+def test_gpu_overlay_runs_only_asr_and_speaker_on_the_cuda_image() -> None:
+    objects = render("gpu")
+    for where, spec in _pod_specs(objects):
+        for container in spec["containers"] + spec.get("initContainers", []):
+            image = container["image"]
+            if not image.startswith("registry.example.com/speechfront:"):
+                continue
+            cuda = (
+                where in ("Deployment/asr", "Deployment/speaker")
+                and container in spec["containers"]
+            )
+            assert image.endswith("-cuda" if cuda else "-cpu"), (where, container["name"])
+
+
+@overlays
+def test_math_threads_match_the_cpus_each_service_requests(overlay: str) -> None:
+    objects = render(overlay)
+    for service in SETTINGS:
+        container = _service_container(objects, service)
+        env = _container_env(objects, container)
+        cpus = float(container["resources"]["requests"]["cpu"])
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            threads = env[name]
+            assert threads is not None and 1 <= int(threads) <= max(1.0, cpus), service
