@@ -1,8 +1,10 @@
 """Partial results of the FunASR endpoint under load, and what they cost the finals.
 
 N FunASR 2pass streams speak sentences at real-time pace (60 ms chunks,
-pauses between sentences) into a local cluster, twice: once with partial
-results off (``SF_GATEWAY_FUNASR_MAX_PARTIALS=0``) and once with them on.
+pauses between sentences) into one local cluster, in rounds that alternate
+between partial results on (``chunk_size`` [5, 10, 5]: a partial every
+600 ms) and off (a stride of 6 s, longer than any sentence), so a machine
+whose load drifts weighs on both sides alike.
 Reported: the delay from the end of each stride's audio to its partial
 leaving the gateway (p50/p95, from the gateway's histogram), how many
 partials were sent, skipped or dropped, and each run's final latency (last
@@ -49,7 +51,7 @@ def script(index: int, sentences: int) -> tuple[bytes, list[int]]:
     return float_to_pcm16(np.concatenate(parts)), ends
 
 
-async def one_stream(url: str, index: int, sentences: int) -> list[float]:
+async def one_stream(url: str, index: int, sentences: int, partials: bool) -> list[float]:
     """Final latencies of one stream's sentences (seconds)."""
     pcm, ends = script(index, sentences)
     client = FunasrClient(url)
@@ -57,7 +59,8 @@ async def one_stream(url: str, index: int, sentences: int) -> list[float]:
     step = SAMPLE_RATE * CHUNK_MS // 1000 * 2
     voiced_sent: list[float] = []
     try:
-        await client.config("2pass", wav_name=f"stream-{index}")
+        chunk = [5, 10, 5] if partials else [5, 100, 5]
+        await client.config("2pass", wav_name=f"stream-{index}", chunk_size=chunk)
         started = time.monotonic()
         for i, offset in enumerate(range(0, len(pcm), step)):
             await client.ws.send(pcm[offset : offset + step])
@@ -111,21 +114,16 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q * 100)) if values else None
 
 
-async def run(streams: int, sentences: int, partials: bool, run_dir: Path) -> dict[str, Any]:
-    """One round: a fresh cluster, N streams; raw latencies and partial counters."""
-    env = {
-        "SF_GATEWAY_COMPAT_OPEN": "true",
-        "SF_GATEWAY_FUNASR_MAX_PARTIALS": "64" if partials else "0",
-        "SF_GATEWAY_MAX_SESSIONS_PER_TOKEN": "1000",
-    }
-    with LocalCluster(run_dir, extra_env=env) as cluster:
-        metrics_url = f"{cluster.gateway_url}/metrics"
-        await one_stream(cluster.funasr_url, 0, 1)  # warm the models
-        before = scrape(metrics_url)
-        latencies = await asyncio.gather(
-            *(one_stream(cluster.funasr_url, i, sentences) for i in range(streams))
-        )
-        after = scrape(metrics_url)
+async def one_round(
+    cluster: LocalCluster, streams: int, sentences: int, partials: bool
+) -> dict[str, Any]:
+    """N streams at once; their final latencies and the partial counters' change."""
+    metrics_url = f"{cluster.gateway_url}/metrics"
+    before = scrape(metrics_url)
+    latencies = await asyncio.gather(
+        *(one_stream(cluster.funasr_url, i, sentences, partials) for i in range(streams))
+    )
+    after = scrape(metrics_url)
     delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
     buckets = {k: v for k, v in delta.items() if "_partial_seconds_bucket" in k}
     outcomes = {
@@ -164,14 +162,17 @@ async def main_async(args: argparse.Namespace) -> None:
     # Synthesise every clip before the clock starts.
     for i in range(args.streams):
         script(i, args.sentences)
-    # Rounds alternate, so a machine whose load drifts (other work on its
-    # cores) weighs on both sides alike.
     runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
-    with tempfile.TemporaryDirectory(prefix="compat-bench-") as tmp:
-        for i in range(args.rounds):
+    env = {"SF_GATEWAY_COMPAT_OPEN": "true", "SF_GATEWAY_MAX_SESSIONS_PER_TOKEN": "1000"}
+    with (
+        tempfile.TemporaryDirectory(prefix="compat-bench-") as tmp,
+        LocalCluster(Path(tmp), extra_env=env) as cluster,
+    ):
+        await one_stream(cluster.funasr_url, 0, 1, True)  # warm the models
+        for _ in range(args.rounds):
             for partials in (False, True):
-                run_dir = Path(tmp) / f"{i}-{partials}"
-                runs[partials].append(await run(args.streams, args.sentences, partials, run_dir))
+                result = await one_round(cluster, args.streams, args.sentences, partials)
+                runs[partials].append(result)
     without, with_partials = summary(runs[False]), summary(runs[True])
     report = {
         "streams": args.streams,
@@ -193,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=20)
     parser.add_argument("--sentences", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each side")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating runs of each side")
     parser.add_argument("--out", default="bench-results/compat_bench.json")
     asyncio.run(main_async(parser.parse_args()))
 
