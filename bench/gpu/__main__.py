@@ -120,7 +120,7 @@ def parser() -> argparse.ArgumentParser:
         help="devices: simulated devices through the gateways; direct: their utterances "
         "straight to asr and speaker (the GPU services alone)",
     )
-    p.add_argument("--seconds", type=float, default=40.0, help="talk time per step")
+    p.add_argument("--seconds", type=float, default=30.0, help="talk time per step")
     p.add_argument("--warmup-s", type=float, default=15.0, help="unrecorded first step; 0: none")
     p.add_argument("--duty", type=float, default=0.3, help="fraction of time speaking")
     p.add_argument("--target-ms", type=float, default=300.0, help="p95 processing latency")
