@@ -88,7 +88,17 @@ def test_summary_is_printed_with_the_largest_n_of_each_design(
 
 
 def _step(design: str, devices: int, within: bool) -> dict[str, Any]:
-    return {"design": design, "devices": devices, "within_target": within}
+    return {
+        "design": design,
+        "devices": devices,
+        "within_target": within,
+        "processing_ms": {"p95": 200.0 if within else 900.0},
+        "asr_queue_ms": {"p95": 5.0},
+        "asr_model_ms": {"p95": 50.0},
+        "cpu_per_s": {"gateway": 0.9, "asr": 0.4},
+        "late_packet_share": 0.0,
+        "error_share": 0.0,
+    }
 
 
 def test_summary_ratio_compares_largest_n_within_target_of_both_designs(
@@ -114,6 +124,20 @@ def test_summary_ratio_compares_largest_n_within_target_of_both_designs(
     }
     assert result["ratio_batched_to_per_session"] == 20.0
     assert result["ratio_direct"] is None
+
+
+def test_summary_knee_is_the_first_step_past_the_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))  # bench/ is not an installed package
+    from bench.gpu.report import summary
+
+    steps = [
+        _step("batched", 100, True),
+        _step("batched", 400, False),
+        _step("batched", 800, False),
+    ]
+    knee = summary({"steps": steps})["knee"]["batched"]
+    assert knee["devices"] == 400
+    assert knee["busiest_cpu_cores"] == {"gateway": 0.9, "asr": 0.4}
 
 
 def test_png_plot_is_written(smoke: tuple[str, dict[str, Any], Path]) -> None:

@@ -30,6 +30,30 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "largest_devices_within_target": largest,
         "ratio_batched_to_per_session": ratio("batched", "per-session"),
         "ratio_direct": ratio("batched-direct", "per-session-direct"),
+        "knee": {d: knee(steps, d, largest[d]) for d in present},
+    }
+
+
+def knee(steps: list[dict[str, Any]], design: str, within: int) -> dict[str, Any] | None:
+    """Where the time goes in the first step past the largest N within target."""
+    past = sorted(
+        (s for s in steps if s["design"] == design and s["devices"] > within),
+        key=lambda s: s["devices"],
+    )
+    if not past:
+        return None
+    step = past[0]
+    busiest = sorted(step["cpu_per_s"].items(), key=lambda kv: -kv[1])[:3]
+    return {
+        "devices": step["devices"],
+        "processing_p95_ms": step["processing_ms"].get("p95"),
+        "gpu_utilisation_mean_pct": (step.get("gpu") or {}).get("utilisation_mean_pct"),
+        "asr_batch_mean": step.get("asr_batch_mean"),
+        "asr_queue_p95_ms": step["asr_queue_ms"].get("p95"),
+        "asr_model_p95_ms": step["asr_model_ms"].get("p95"),
+        "busiest_cpu_cores": dict(busiest),
+        "late_packet_share": step["late_packet_share"],
+        "error_share": step["error_share"],
     }
 
 
