@@ -78,6 +78,9 @@ class Step:
     # behind (the machine's cores are shared), and its CPU figures mean little.
     vad_processed: float
     kept_up: bool
+    # Operations the gateway still held for the VAD at the end: a large number
+    # means the wire, not the VAD, was behind.
+    gateway_vad_backlog: float
 
 
 def quiet_noise(seconds: float) -> np.ndarray:
@@ -161,6 +164,9 @@ async def measure(cluster: LocalCluster, path: str, run: int, n: int, seconds: f
         # Audio still in flight at the end is at most a tick or two behind.
         await asyncio.sleep(0.5)
         stepped = vad_audio_s(cluster) - stepped
+        backlog = metric(
+            f"{cluster.gateway_url}/metrics", r"^speechfront_gateway_vad_backlog\{[^}]*\} (\S+)$"
+        )
         listening = {"gateway": rss_mb(gateway), "vad": rss_mb(vad)}
         audio_s = sent * FRAME_S
     finally:
@@ -185,6 +191,7 @@ async def measure(cluster: LocalCluster, path: str, run: int, n: int, seconds: f
         pace=round(audio_s / n / wall, 3),
         vad_processed=round(stepped / audio_s, 3),
         kept_up=stepped >= KEPT_UP * audio_s,
+        gateway_vad_backlog=backlog,
     )
 
 

@@ -8,6 +8,7 @@ gateway's real ``VadStreamClient`` talks to it over gRPC.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from services.cluster import free_port
 from services.common.audio import float_to_pcm16
 from services.common.inference import InferenceThread
 from services.gateway.vad_client import VadStreamClient
-from services.gateway.vad_wire import WireForm
+from services.gateway.vad_wire import MAX_BLOCK_PCM_BYTES, WireForm
 from services.protos import vad_pb2, vad_pb2_grpc
 from services.vad.fsmn_batched import BatchedFsmnVadEngine
 from services.vad.server import VadServicer
@@ -111,12 +112,42 @@ async def test_frames_sent_within_one_tick_leave_in_one_write(vad_address: str) 
             client.open(sid)
         for seq in (1, 2, 3):
             for sid in ids:
-                client.send(sid, seq, b"\x00\x00" * 960)
+                client.send(sid, seq, b"\x00\x00" * 160)  # 10 ms
         for sid in ids:
             client.close(sid, flush=True)
         await listener.wait_closed(ids)
-        # 50 opens, 150 frames and 50 closes, queued in one go: one write.
+        # 50 opens, 150 frames (48 000 bytes) and 50 closes, queued in one go: one write.
         assert client.writes - before == 1
+    finally:
+        await client.stop()
+
+
+async def test_a_tick_holding_more_than_one_block_goes_out_in_writes_back_to_back(
+    vad_address: str,
+) -> None:
+    listener = Listener()
+    # A long tick: writes one tick apart would take seconds.
+    client = await connected_client(vad_address, listener, "ticks", tick_s=0.2)
+    try:
+        ids = [f"big/{i}" for i in range(1000)]
+        await asyncio.sleep(0.25)
+        before = client.writes
+        for sid in ids:
+            client.open(sid)
+        for seq in (1, 2, 3):
+            for sid in ids:
+                client.send(sid, seq, b"\x00\x00" * 960)
+        for sid in ids:
+            client.close(sid, flush=True)
+        # 3 000 frames of 1 920 bytes: several blocks of at most MAX_BLOCK_PCM_BYTES.
+        expected = math.ceil(len(ids) * 3 / (MAX_BLOCK_PCM_BYTES // 1920))
+        started = time.monotonic()
+        while client.writes - before < expected and time.monotonic() - started < WAIT_S:
+            await asyncio.sleep(0.001)
+        # Not one tick per write: the backlog did not wait for the clock.
+        assert time.monotonic() - started < expected * 0.2 / 2
+        await listener.wait_closed(ids)
+        assert client.writes - before == expected
     finally:
         await client.stop()
 

@@ -272,17 +272,20 @@ class VadStreamClient:
         numbers = itertools.count(1)
         ticks = self._wire == "ticks"
         last_write = 0.0
+        caught_up = True
         while True:
             await queue.ready.wait()
-            if ticks and not queue.retired:
+            if ticks and caught_up and not queue.retired:
                 # Let the rest of this tick's frames join the first one: writes
-                # then follow the clock, however many sessions send.
+                # then follow the clock, however many sessions send. A backlog
+                # (more than one write holds) goes out back to back.
                 wait = last_write + self._send_tick_s - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
             if queue.retired:
                 return
             request, taken, has_audio = queue.take(self._wire)
+            caught_up = not queue.ops
             last_write = time.monotonic()
             self._backlog.set(len(queue.ops))
             request.batch = next(numbers)

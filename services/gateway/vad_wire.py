@@ -31,10 +31,10 @@ WireForm = Literal["ticks", "frames"]
 Frame = tuple[str, int, bytes]
 Op = vad_pb2.StreamOpen | vad_pb2.StreamClose | Frame
 
-# Operations in one request at most, and PCM bytes in one block at most: a
-# replay burst goes in several writes of bounded size.
+# Operations in one request at most (the frames form).
 MAX_OPS_PER_MESSAGE = 512
-MAX_OPS_PER_BLOCK = 2048
+# PCM in one block at most: a replay burst or a backlog after a stall goes
+# out in several writes of bounded size, back to back.
 MAX_BLOCK_PCM_BYTES = 1 << 20
 
 
@@ -89,11 +89,14 @@ def _take_block(ops: deque[Op], request: vad_pb2.VadRequest) -> tuple[int, bool]
     pcm: list[bytes] = []
     size = 0
     taken = 0
-    while ops and taken < MAX_OPS_PER_BLOCK and size < MAX_BLOCK_PCM_BYTES:
-        op = ops.popleft()
-        taken += 1
+    while ops:
+        op = ops[0]
         if type(op) is tuple:
             data = op[2]
+            if ids and size + len(data) > MAX_BLOCK_PCM_BYTES:
+                break
+            ops.popleft()
+            taken += 1
             if len(data) & 1:
                 data = data[:-1]  # a stray byte would shift every later frame's samples
             ids.append(op[0])
@@ -101,7 +104,10 @@ def _take_block(ops: deque[Op], request: vad_pb2.VadRequest) -> tuple[int, bool]
             lengths.append(len(data) >> 1)
             pcm.append(data)
             size += len(data)
-        elif isinstance(op, vad_pb2.StreamOpen):
+            continue
+        ops.popleft()
+        taken += 1
+        if isinstance(op, vad_pb2.StreamOpen):
             request.opens.append(op)
         else:
             request.closes.append(op)  # type: ignore[arg-type]

@@ -180,7 +180,10 @@ class OnlineLfrFrontend:
         buf[:, held:] = np.stack(chunks)
         frames = (buf.shape[1] - FRAME_LEN) // FRAME_SHIFT + 1
         windows = np.lib.stride_tricks.sliding_window_view(buf, FRAME_LEN, axis=1)
-        fbank = self._fbank(windows[:, : frames * FRAME_SHIFT : FRAME_SHIFT].reshape(-1, FRAME_LEN))
+        rows_in = windows[:, : frames * FRAME_SHIFT : FRAME_SHIFT].reshape(-1, FRAME_LEN)
+        if not rows_in.flags.writeable:
+            rows_in = rows_in.copy()  # one stream: the reshape is still a view of the window
+        fbank = self._fbank(rows_in)
         context = np.stack([state.context for state in states])
         spliced = np.concatenate([context, fbank.reshape(n, frames, N_MELS)], axis=1)
         # Row j of a stream is its spliced rows j .. j + LFR_M - 1, side by side.
