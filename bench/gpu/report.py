@@ -152,6 +152,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     )
     if series:
         models.legend(fontsize=7)
+    else:
+        models.text(0.5, 0.5, "no model table in this run", ha="center", transform=models.transAxes)
     fig.suptitle(
         f"speechfront on {result.get('machine', {}).get('gpu') or 'CPU'}: RANDOM WEIGHTS "
         "(timing only), batched cluster vs per-session baseline"
