@@ -237,6 +237,25 @@ def install(bundle: Path, into: Path, bundled: bool = False, tree: Path = ROOT) 
     return env
 
 
+# What every process of the benchmark imports first; a failure here names the missing piece
+# at once instead of in a service's log a minute into the run.
+IMPORT_CHECK = (
+    "import torch, numpy, grpc, fastapi, uvicorn, opuslib, redis, kaldi_native_fbank, funasr;"
+    "import services.gateway.app, services.asr.sensevoice, services.speaker.eres2net,"
+    " services.vad.fsmn_batched, services.simulator.device, bench.gpu.sweep"
+)
+
+
+def check_imports(env: dict[str, str], tree: Path = ROOT) -> None:
+    merged = {**os.environ, **env}
+    run = subprocess.run(
+        [sys.executable, "-c", IMPORT_CHECK], env=merged, cwd=tree, capture_output=True, text=True
+    )
+    if run.returncode != 0:
+        raise SystemExit(f"the installed environment does not import:\n{run.stderr[-3000:]}")
+    print("the services, the simulator and the benchmark import")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,6 +274,7 @@ def main() -> None:
         build(args.out)
     else:
         env = install(args.bundle, args.into, args.bundled)
+        check_imports(env)
         print(f"environment in {args.into / 'env.sh'}:")
         for key, value in env.items():
             print(f"  {key}={value}")
