@@ -78,7 +78,9 @@ async def serve_batched(
         batcher.start()
 
     async def stop() -> None:
-        await batcher.stop(settings.shutdown_grace_s)
+        # A second before the server's own cut-off, so what is still queued is
+        # refused UNAVAILABLE (retried elsewhere) rather than cancelled with it.
+        await batcher.stop(max(0.0, settings.shutdown_grace_s - 1.0))
 
     # Liveness: the model call now running has not hung (see DynamicBatcher.stuck).
     await run_grpc_service(name, settings, register, start, stop, alive=lambda: not batcher.stuck())
