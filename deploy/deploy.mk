@@ -12,7 +12,7 @@ CUDA_BASE_IMAGE ?= nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04
 CUDA_TORCH_INDEX ?= https://download.pytorch.org/whl/cu126
 SCHEMA_CHECK := deploy/schema-check
 
-.PHONY: render deploy images deploy-tools
+.PHONY: render deploy images deploy-tools constraints
 
 render: $(addprefix $(K8S_BUILD)/,$(addsuffix .yaml,$(OVERLAYS)))
 
@@ -33,6 +33,13 @@ images:
 		--build-arg BASE_IMAGE=$(CUDA_BASE_IMAGE) \
 		--build-arg TORCH_INDEX_URL=$(CUDA_TORCH_INDEX) \
 		-t $(IMAGE):$(IMAGE_VERSION)-cuda .
+
+# The image's package versions: what the virtual environment (and so the
+# tests) runs, torch aside (the Dockerfile pins it per index).
+constraints:
+	{ sed -n '1,4p' deploy/docker/constraints.txt; \
+	  .venv/bin/pip freeze --all --exclude-editable | grep -v -e '^#' -e '^torch==' -e '^pip=='; } > deploy/docker/constraints.txt.new
+	mv deploy/docker/constraints.txt.new deploy/docker/constraints.txt
 
 # Gateway API schemas (npm) for the offline manifest tests.
 deploy-tools: $(SCHEMA_CHECK)/node_modules/.installed

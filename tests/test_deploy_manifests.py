@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -1031,3 +1032,21 @@ def test_math_threads_match_the_cpus_each_service_requests(overlay: str) -> None
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             threads = env[name]
             assert threads is not None and 1 <= int(threads) <= max(1.0, cpus), service
+
+
+def test_the_image_pins_every_dependency_but_torch_which_its_dockerfile_pins() -> None:
+    """deploy/docker/constraints.txt (make constraints) makes image builds repeatable."""
+    pins = {}
+    for line in (REPO / "deploy" / "docker" / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"]:
+        name = re.sub(r"[-_.]+", "-", re.split(r"[\[<>=!~; ]", requirement)[0]).lower()
+        if name != "torch":
+            assert name in pins, f"{name} is not pinned (make constraints)"
+    dockerfile = (REPO / "deploy" / "docker" / "Dockerfile").read_text()
+    assert "PIP_CONSTRAINT=/tmp/constraints.txt" in dockerfile
+    assert re.search(r"ARG TORCH_VERSION=[\d.]+\n", dockerfile)
+    assert "# syntax=" not in dockerfile  # no frontend pulled from a registry
