@@ -154,6 +154,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
         models.legend(fontsize=7)
     else:
         models.text(0.5, 0.5, "no model table in this run", ha="center", transform=models.transAxes)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    # Ticks at the sizes measured (250, 500, 1000), not at powers of ten.
+    devices = sorted({s["devices"] for s in steps})
+    batches = sorted({b for points in series.values() for b, _ in points})
+    for ax, ticks in ((lat, devices), (thr, devices), (gpu, devices), (models, batches)):
+        if ticks:
+            ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     fig.suptitle(
         f"speechfront on {result.get('machine', {}).get('gpu') or 'CPU'}: RANDOM WEIGHTS "
         "(timing only), batched cluster vs per-session baseline"
