@@ -20,7 +20,8 @@ A call picks replicas round-robin among those in rotation (all of them if
 none is). Its first attempt has a budget derived from recent service times
 (``HedgeBudget``); when that passes unanswered, a hedge goes to another
 replica and the first answer wins. An attempt that fails because its replica
-went away (UNAVAILABLE, INTERNAL, UNKNOWN) or refused for overload
+went away (UNAVAILABLE, CANCELLED by a server shutting down, INTERNAL, UNKNOWN)
+or refused for overload
 (RESOURCE_EXHAUSTED) is retried at once on another replica. At most
 ``max_attempts`` in all, never past the caller's deadline.
 """
@@ -78,7 +79,15 @@ T = TypeVar("T")
 Invoke = Callable[[StubT, float, bool], Awaitable[T]]
 Resolver = Callable[[str], list[str]]
 
-_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+# CANCELLED here is never the caller's own: an attempt the pool cancels is not
+# looked at again. It is a replica's server cancelling the call as it shuts
+# down, or a channel closed under it.
+_GONE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+)
 _RETRY_ELSEWHERE = (*_GONE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
@@ -448,7 +457,7 @@ class ReplicaPool(Generic[StubT]):
                         raise exc
                     errors.append(exc)
                     code = exc.code()
-                    if code == grpc.StatusCode.UNAVAILABLE:
+                    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                         self.mark_suspect(finished.replica, f"call failed: {exc.details()}")
                         self.refresh_soon()
                     retry = self._retry_for(code, errors, tried, bool(running), finished.replica)
