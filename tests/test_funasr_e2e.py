@@ -141,8 +141,9 @@ async def test_a_wav_file_sent_with_its_wav_format_is_decoded_and_recognised(
 async def test_2pass_at_real_time_pace_sends_partials_while_the_segment_is_spoken(
     client: FunasrClient,
 ) -> None:
-    sentence = "how far is the moon from the earth"
-    voiced = trim_silence(synthesize(sentence, speed_wpm=120))
+    # Long enough (about 5 s) that partials have time to agree while it is spoken.
+    sentence = "please turn on the lights in the living room and play some jazz music"
+    voiced = trim_silence(synthesize(sentence, speed_wpm=140))
     pcm = float_to_pcm16(np.concatenate([silence(0.3), voiced, silence(1.2)]))
     speech_ends = time.monotonic() + 0.3 + voiced.size / SAMPLE_RATE
     await client.config("2pass", wav_name="live")
