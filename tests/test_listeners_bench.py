@@ -67,16 +67,19 @@ def test_ratios_compare_each_paths_best_run_that_kept_up(listeners: ModuleType) 
     assert ratio["gateway_cpu"] == 0.5
     assert ratio["vad_cpu"] == 0.75
     assert ratio["vad_writes"] == 0.25
+    assert ratio["from_runs_that_kept_up"] is True
 
 
-def test_a_size_where_one_path_never_kept_up_has_no_ratio(listeners: ModuleType) -> None:
+def test_a_size_where_one_path_never_kept_up_is_compared_but_marked(
+    listeners: ModuleType,
+) -> None:
     steps = [
         _step(listeners, "baseline", 0, 2.0, 3.0, kept_up=False),
         _step(listeners, "current", 0, 1.0, 2.0),
     ]
-    row = listeners.summarise(steps, [100])["100"]
-    assert "ratio_current_to_baseline" not in row
-    assert "current" in row and "baseline" not in row
+    ratio = listeners.summarise(steps, [100])["100"]["ratio_current_to_baseline"]
+    assert ratio["gateway_cpu"] == 0.5
+    assert ratio["from_runs_that_kept_up"] is False
 
 
 def test_steps_of_other_sizes_do_not_mix(listeners: ModuleType) -> None:
