@@ -75,6 +75,7 @@ def _size_mib(path: Path) -> float:
 
 
 def build(out: Path) -> None:
+    check_runtime_list()
     shutil.rmtree(out, ignore_errors=True)
     wheels = out / "wheels"
     wheels.mkdir(parents=True)
@@ -240,10 +241,54 @@ def install(bundle: Path, into: Path, bundled: bool = False, tree: Path = ROOT) 
 # What every process of the benchmark imports first; a failure here names the missing piece
 # at once instead of in a service's log a minute into the run.
 IMPORT_CHECK = (
-    "import torch, numpy, grpc, fastapi, uvicorn, opuslib, redis, kaldi_native_fbank, funasr;"
-    "import services.gateway.app, services.asr.sensevoice, services.speaker.eres2net,"
-    " services.vad.fsmn_batched, services.simulator.device, bench.gpu.sweep"
+    "import torch, numpy, grpc, fastapi, uvicorn, opuslib, redis, kaldi_native_fbank;"
+    "import funasr.auto.auto_model, funasr.models.sense_voice.model,"
+    " funasr.models.eres2net.eres2netv2, funasr.models.campplus.utils,"
+    " funasr.models.fsmn_vad_streaming.model, funasr.frontends.wav_frontend,"
+    " funasr.tokenizer.sentencepiece_tokenizer;"
+    "import services.cli, services.cluster, services.gateway.app, services.asr.server,"
+    " services.asr.sensevoice, services.speaker.server, services.speaker.eres2net,"
+    " services.vad.server, services.vad.fsmn_batched, services.simulator.device,"
+    " bench.gpu.sweep, bench.gpu.loadgen, bench.gpu.direct, bench.gpu.model_table"
 )
+# torch's own requirements come with the machine's torch; PyAV gets the installer's stand-in.
+MACHINE = {
+    "torch", "filelock", "typing-extensions", "sympy", "mpmath", "networkx", "jinja2",
+    "markupsafe", "fsspec", "setuptools", "triton", "av", "speechfront",
+}  # fmt: skip
+# Runs the import check with every distribution outside the bundle and the machine's made
+# unimportable: a dependency someone adds to the services fails here, not on the GPU day.
+_BLOCKER = """
+import importlib.abc, importlib.metadata, sys
+allowed = set(sys.argv[1].split(","))
+owners = importlib.metadata.packages_distributions()
+def norm(name): return name.lower().replace("_", "-")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        top = name.split(".")[0]
+        dists = owners.get(top)
+        if dists and top not in sys.stdlib_module_names and not (
+            {norm(d) for d in dists} & allowed or any(norm(d).startswith(("nvidia-", "cuda-"))
+            for d in dists)
+        ):
+            raise ImportError(f"{top} (from {dists}) is not in the GPU bundle")
+        return None
+sys.meta_path.insert(0, Block())
+exec(sys.argv[2])
+"""
+
+
+def check_runtime_list(tree: Path = ROOT) -> None:
+    """The bundle's distribution list covers what the benchmark imports (run in the .venv)."""
+    allowed = ",".join(sorted({*RUNTIME, *MACHINE}))
+    run = subprocess.run(
+        [sys.executable, "-c", _BLOCKER, allowed, IMPORT_CHECK],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+    )
+    if run.returncode != 0:
+        raise SystemExit(f"the GPU bundle's RUNTIME list misses an import:\n{run.stderr[-2000:]}")
 
 
 def check_imports(env: dict[str, str], tree: Path = ROOT) -> None:

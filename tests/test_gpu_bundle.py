@@ -75,3 +75,9 @@ def test_generated_grpc_modules_are_copied_into_the_tree(
     installed: tuple[dict[str, str], Path, Path],
 ) -> None:
     assert (installed[2] / "services" / "protos" / "demo_pb2.py").is_file()
+
+
+def test_runtime_list_covers_what_the_benchmark_imports() -> None:
+    # Everything outside the bundle's list (and the machine's torch) made unimportable: a
+    # dependency added to the services since the list was written fails here.
+    _bundle_module().check_runtime_list()
