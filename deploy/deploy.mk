@@ -29,9 +29,11 @@ deploy:
 
 images:
 	docker build -f deploy/docker/Dockerfile -t $(IMAGE):$(IMAGE_VERSION)-cpu .
+	# The CUDA image reads its weights from the model volume: no lite weights.
 	docker build -f deploy/docker/Dockerfile \
 		--build-arg BASE_IMAGE=$(CUDA_BASE_IMAGE) \
 		--build-arg TORCH_INDEX_URL=$(CUDA_TORCH_INDEX) \
+		--build-arg BAKE_LITE_MODELS=false \
 		-t $(IMAGE):$(IMAGE_VERSION)-cuda .
 
 # The image's package versions: what the virtual environment (and so the
