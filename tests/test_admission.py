@@ -17,6 +17,7 @@ def gateway(**overrides: object) -> TestClient:
         vad_target="127.0.0.1:1",
         asr_target="127.0.0.1:1",
         speaker_target="127.0.0.1:1",
+        funasr_port=0,  # no FunASR listener on a fixed port from an in-process test
         **overrides,  # type: ignore[arg-type]
     )
     return TestClient(create_app(settings))
