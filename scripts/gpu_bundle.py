@@ -2,7 +2,7 @@
 
 The GPU machine has its own Python 3.12 with a CUDA torch and no network, so
 everything else the benchmark imports travels in one folder (`wheels-gpu/`,
-git-ignored, about 45 MiB):
+git-ignored, about 47 MiB):
 
   wheels/   cp312 manylinux wheels of the project's runtime dependencies, pinned to
             the versions in this checkout's .venv; only what the services, the
