@@ -558,3 +558,13 @@ async def test_utterances_without_a_transcript_burn_the_latency_budget(
         lambda: _firing(prometheus, "SpeechfrontLatencyBudgetFastBurn"),
         "SpeechfrontLatencyBudgetFastBurn",
     )
+
+
+async def test_utterances_without_a_transcript_burn_the_latency_budget_slowly_too(
+    prometheus: Prometheus, asr_freeze: AsrFreeze
+) -> None:
+    await asyncio.to_thread(
+        _wait_until,
+        lambda: _firing(prometheus, "SpeechfrontLatencyBudgetSlowBurn"),
+        "SpeechfrontLatencyBudgetSlowBurn",
+    )
