@@ -120,12 +120,10 @@ async def _watch_liveness(
         await asyncio.sleep(1.0)
         now = alive()
         if now != reported:
-            status = (
-                health_pb2.HealthCheckResponse.SERVING
-                if now
-                else (health_pb2.HealthCheckResponse.NOT_SERVING)
+            serving = health_pb2.HealthCheckResponse.SERVING
+            await health_servicer.set(
+                LIVENESS, serving if now else health_pb2.HealthCheckResponse.NOT_SERVING
             )
-            await health_servicer.set(LIVENESS, status)
             if not now:
                 log.error("not alive: the inference thread has not come back; liveness fails")
             reported = now
