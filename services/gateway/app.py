@@ -229,10 +229,13 @@ async def drain(ctx: GatewayContext) -> None:
     timeout = ctx.settings.drain_timeout_s
     step = timeout * HANDOFF_SPREAD / max(1, len(sessions))
     deadline = now + timeout
-    await asyncio.gather(
+    outcomes = await asyncio.gather(
         *(hand_off(s, now + i * step, deadline) for i, s in enumerate(sessions)),
         return_exceptions=True,
     )
+    for session, outcome in zip(sessions, outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            log.warning("hand-off of session %s failed: %s", session.session_id, outcome)
     log.info("drained")
 
 
