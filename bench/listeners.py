@@ -12,12 +12,13 @@ invocation on the same machine, alternating:
   per 10 ms send tick).
 
 For each it prints CPU milliseconds per device-second of the gateway and
-per stream-second of the VAD (process CPU time over the audio that was
-sent), resident memory per listening session for both, the VAD's memory
-after every device has left against before they came, and gRPC writes per
-second to the VAD; then the ratios current/baseline at each N. The load
-generator shares the machine's cores, so the ratios are the figures to
-trust; each path runs ``--repeat`` times and the lower CPU of the runs counts.
+per stream-second of the VAD (process CPU time over the audio sent, and for
+the VAD over the audio it stepped), resident memory per listening session
+for both, the VAD's memory after every device has left against before they
+came, and gRPC writes per second to the VAD; then the ratios
+current/baseline at each N. The load generator shares the machine's cores,
+so the ratios are the figures to trust; each path runs ``--repeat`` times
+and the lower CPU of the runs that kept up counts.
 
     .venv/bin/python -m bench.listeners [--devices 100,200,300] [--seconds 15] [--repeat 2]
 
