@@ -50,6 +50,7 @@ from services.gateway.errors import (
     UNSUPPORTED_DATA,
     ConnectionRejected,
 )
+from services.gateway.http_guards import GuardedWebSocketProtocol, guarded_http_protocol, log_config
 from services.gateway.limits import ConnectionCounts, InputGuard, InputLimits
 from services.gateway.store import Voiceprint
 
@@ -294,9 +295,6 @@ def funasr_app(ctx: GatewayContext, runtime: FunasrRuntime) -> Starlette:
 
 def server_config(app: Starlette, ctx: GatewayContext) -> uvicorn.Config:
     """The gateway's HTTP and WebSocket guards, with room for a whole utterance per message."""
-    # Imported here: the gateway app imports this module to start the server.
-    from services.gateway.app import GuardedWebSocketProtocol, guarded_http_protocol, log_config
-
     settings = ctx.settings
     return uvicorn.Config(
         app,

@@ -1,0 +1,215 @@
+"""uvicorn's protocols, hardened for clients that stall, oversize or misframe.
+
+The gateway's device port and the FunASR port both run these: a request head
+must arrive in time and within bounds, a refused WebSocket handshake is
+answered and closed, and a client's malformed text is closed with a reason
+instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from http import HTTPStatus
+from typing import Any
+
+import uvicorn
+from uvicorn.config import LOGGING_CONFIG
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
+
+from services.common.logging_filter import RedactSecrets
+
+log = logging.getLogger(__name__)
+
+# A request's line and headers. Firmware sends a few hundred bytes, a proxy adds
+# a few headers. Both stay under websockets' own limits (8 KiB per line, 128
+# headers), so an upgrade handed on to it is never refused there.
+MAX_HEAD_BYTES = 8 * 1024
+MAX_HEADERS = 100
+
+
+def _plain_response(status: int, text: str) -> bytes:
+    body = text.encode()
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        "content-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with limits on each request's head.
+
+    uvicorn bounds neither the time a client takes to send a request's line
+    and headers nor their size: a client that sends half a request and stops
+    (slowloris), or an endless header, keeps its socket and its buffer for
+    ever. Here a head must arrive within ``head_timeout_s`` of the connection
+    (of the request's first byte, on a kept-alive connection) and stay within
+    MAX_HEAD_BYTES and MAX_HEADERS; otherwise the client gets 408 or 431 and
+    the socket is closed. ``guarded_http_protocol`` sets the timeout.
+    """
+
+    head_timeout_s = 10.0
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._in_head = True  # the bytes arriving belong to a request's head
+        self._head_bytes = 0  # its line and headers, as parsed
+        self._head_fed = 0  # bytes fed to the parser while it was in that head
+        self._headers = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._in_head:
+            if self._head_timer is None:
+                self._arm()
+            # The parser keeps an unfinished header whole: bound what it holds.
+            if self._head_fed > MAX_HEAD_BYTES:
+                self._refuse(431, f"request head over {MAX_HEAD_BYTES} bytes")
+                return
+            self._head_fed += len(data)
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        self._in_head, self._head_bytes, self._headers = True, 0, 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if self._count(len(url)):
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers += 1
+        if self._count(len(name) + len(value) + 4):
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._in_head, self._head_fed = False, 0
+        self._disarm()
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        # What follows is the next request's head; its first byte starts its timer.
+        self._in_head = True
+        super().on_message_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        if not self._refused:
+            super().handle_websocket_upgrade()
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused and not self.transport.is_closing():
+            super().send_400_response(msg)
+
+    def _count(self, size: int) -> bool:
+        """Add to the head's size; False once the request has been refused."""
+        if self._refused:
+            return False
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse(431, f"request head over {MAX_HEAD_BYTES} bytes")
+        elif self._headers > MAX_HEADERS:
+            self._refuse(431, f"over {MAX_HEADERS} request headers")
+        return not self._refused
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        self._refuse(408, f"request head not received within {self.head_timeout_s:g} s")
+
+    def _refuse(self, status: int, reason: str) -> None:
+        self._refused = True
+        self._disarm()
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+        log.info("refused a request from %s: %d %s", client, status, reason)
+        if not self.transport.is_closing():
+            self.transport.write(_plain_response(status, reason + "\n"))
+            self.transport.close()
+
+
+def guarded_http_protocol(head_timeout_s: float) -> type[GuardedHttpProtocol]:
+    class Configured(GuardedHttpProtocol):
+        pass
+
+    Configured.head_timeout_s = head_timeout_s
+    return Configured
+
+
+class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets protocol, closing cleanly where it would not.
+
+    - When websockets refuses the handshake request itself (a header line over
+      its limit, too many headers, a request it cannot parse), uvicorn neither
+      sends websockets' answer nor closes the socket.
+    - A text message that is not UTF-8 is closed with 1007 as it should be,
+      but uvicorn logs a traceback for each one; here it is closed with a reason
+      and nothing is logged (the client's mistake, not the server's).
+    """
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if (
+            not self.handshake_initiated
+            and self.conn.handshake_exc is not None
+            and not self.transport.is_closing()
+        ):
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
+
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            try:
+                b"".join(self.frames).decode()
+            except UnicodeDecodeError:
+                self.frames = []
+                self.conn.send_close(1007, "text message is not valid UTF-8")
+                self.handle_parser_exception()
+                return
+        super().send_receive_event_to_app()
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging, with credentials redacted from every line it writes."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"redact": {"()": RedactSecrets}}
+    for handler in config["handlers"].values():
+        handler["filters"] = ["redact"]
+    return config
