@@ -22,7 +22,8 @@ from prometheus_client import REGISTRY
 from services.common.grpc_service import server_options
 from services.common.settings import ServiceSettings
 from services.gateway.compute import ComputeClients
-from services.gateway.replicas import HedgeBudget, PoolOptions, ReplicaPool
+from services.gateway.hedge_budget import HedgeBudget, PoolOptions
+from services.gateway.replicas import ReplicaPool
 from services.gateway.targets import parse_target, resolve
 from services.protos import asr_pb2, asr_pb2_grpc
 

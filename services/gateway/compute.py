@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.common.audio import SAMPLE_RATE
-from services.gateway.replicas import HEDGES, RETRIES, PoolOptions, ReplicaPool
+from services.gateway.hedge_budget import PoolOptions
+from services.gateway.replicas import HEDGES, RETRIES, ReplicaPool
 from services.protos import asr_pb2, asr_pb2_grpc, speaker_pb2, speaker_pb2_grpc
 
 __all__ = ["HEDGES", "RETRIES", "ComputeClients", "Embedding", "PoolOptions"]
