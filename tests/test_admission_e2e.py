@@ -21,7 +21,8 @@ import websockets
 from support.wer import word_error_rate
 from websockets.exceptions import InvalidStatus
 
-from services.cluster import LocalCluster, free_port, probe_http
+from services.cluster import LocalCluster
+from services.probes import free_port, probe_http
 from services.simulator.device import DeviceConfig, SimulatedDevice, SttResult
 from services.simulator.speech import synthesize
 

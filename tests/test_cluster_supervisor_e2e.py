@@ -19,7 +19,8 @@ import redis
 from conftest import ADMIN_TOKEN, DEVICE_TOKEN, SPEAKER_THRESHOLD
 from test_failover_e2e import assert_right_text, clip, enrol, talk_through_gateway_loss
 
-from services.cluster import LocalCluster, probe_grpc, probe_http
+from services.cluster import LocalCluster
+from services.probes import probe_grpc, probe_http
 from services.simulator.device import DeviceConfig, SimulatedDevice
 from services.simulator.phrases import SENTENCES
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from services.cluster import free_port
 from services.gateway.deletion_cost import ANNOTATION, DeletionCost, PodRef, in_cluster
+from services.probes import free_port
 
 
 @dataclass

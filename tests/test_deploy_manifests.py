@@ -47,10 +47,10 @@ from support.deploy import (
 
 from services.asr.config import AsrSettings
 from services.cli import SERVICES
-from services.cluster import free_port, probe_redis
 from services.common.grpc_service import LIVENESS
 from services.gateway.app import create_app
 from services.gateway.config import GatewaySettings
+from services.probes import free_port, probe_redis
 from services.speaker.config import SpeakerSettings
 from services.vad.config import VadSettings
 

@@ -32,7 +32,7 @@ from conftest import ADMIN_TOKEN, DEVICE_TOKEN
 from starlette.testclient import TestClient
 from support.wer import word_error_rate
 
-from services.cluster import LocalCluster, Replica, free_port, probe_http
+from services.cluster import LocalCluster, Replica
 from services.common.audio import read_wav
 from services.common.logging_filter import redact
 from services.gateway.app import create_app
@@ -40,6 +40,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.errors import ConnectionRejected
 from services.gateway.http_guards import MAX_HEAD_BYTES, GuardedWebSocketProtocol
 from services.gateway.messages import MAX_JSON_DEPTH, parse_message
+from services.probes import free_port, probe_http
 from services.simulator.device import DeviceConfig, SimulatedDevice
 from services.simulator.speech import synthesize
 

@@ -22,7 +22,6 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from services.cluster import free_port
 from services.common.audio import SAMPLE_RATE, float_to_pcm16
 from services.common.inference import InferenceThread
 from services.common.memory import HeapTrimmer
@@ -32,6 +31,7 @@ from services.gateway.session import DeviceSession
 from services.gateway.utterances import PRE_ROLL
 from services.gateway.vad_client import VadStreamClient
 from services.gateway.vad_router import VadRouter
+from services.probes import free_port
 from services.protos import vad_pb2
 from services.vad.engine import VadEvent
 from services.vad.streams import Outbox, StreamTable

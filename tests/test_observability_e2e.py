@@ -56,8 +56,9 @@ from support.deploy import (
     rule_queries,
 )
 
-from services.cluster import LocalCluster, free_port, probe_http
+from services.cluster import LocalCluster
 from services.common.audio import write_wav
+from services.probes import free_port, probe_http
 from services.simulator.device import DeviceConfig, SimulatedDevice
 from services.simulator.speech import silence, synthesize
 

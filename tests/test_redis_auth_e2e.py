@@ -19,8 +19,9 @@ import pytest
 import redis
 from conftest import DeviceFactory
 
-from services.cluster import LocalCluster, probe_redis
+from services.cluster import LocalCluster
 from services.gateway.hub import REPLY_PREFIX
+from services.probes import probe_redis
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from services.cluster import free_port
 from services.front import Front
+from services.probes import free_port
 from services.supervisor import Backoff, Supervisor
 
 

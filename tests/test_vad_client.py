@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from services.cluster import free_port
 from services.gateway.vad_client import VadStreamClient
+from services.probes import free_port
 
 
 async def test_the_connection_task_survives_a_failing_lost_handler() -> None:

@@ -19,11 +19,11 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from support.recordings import mandarin
 
-from services.cluster import free_port
 from services.common.audio import float_to_pcm16
 from services.common.inference import InferenceThread
 from services.gateway.vad_client import VadStreamClient
 from services.gateway.vad_wire import MAX_BLOCK_PCM_BYTES, WireForm
+from services.probes import free_port
 from services.protos import vad_pb2, vad_pb2_grpc
 from services.vad.fsmn_batched import BatchedFsmnVadEngine
 from services.vad.server import VadServicer
