@@ -20,7 +20,7 @@ run: setup
 	$(BIN)/speechfront cluster
 
 test: setup lint typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20
 
 lint: $(VENV)/.installed proto
 	$(BIN)/ruff check services tests bench
