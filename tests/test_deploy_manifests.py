@@ -219,9 +219,29 @@ def test_ingress_nginx_overlay_routes_devices_with_device_id_affinity() -> None:
     # Far above the device's own 120 s silence limit.
     for timeout in ("proxy-read-timeout", "proxy-send-timeout"):
         assert int(annotations[f"nginx.ingress.kubernetes.io/{timeout}"]) >= 600
-    [path] = ingress["spec"]["rules"][0]["http"]["paths"]
-    assert path["path"] == "/xiaozhi/v1"
-    assert path["backend"]["service"]["name"] == "gateway"
+    paths = ingress["spec"]["rules"][0]["http"]["paths"]
+    assert paths[0]["path"] == "/xiaozhi/v1"
+    assert {p["backend"]["service"]["name"] for p in paths} == {"gateway"}
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "gpu-ingress-nginx"])
+def test_the_compatible_apis_are_routed_to_the_gateway(overlay: str) -> None:
+    """OpenAI transcription and voiceprint-api on the http port, FunASR on its own."""
+    objects = render(overlay)
+    routed = {
+        match["path"]["value"]
+        for route in by_kind(objects, "HTTPRoute")
+        for rule in route["spec"]["rules"]
+        for match in rule["matches"]
+    } | {
+        path["path"]
+        for ingress in by_kind(objects, "Ingress")
+        for rule in ingress["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    }
+    assert {"/v1/audio", "/v1/models", "/voiceprint"} <= routed
+    [service] = [s for s in by_kind(objects, "Service") if s["metadata"]["name"] == "gateway"]
+    assert {"name": "funasr", "port": 10095, "targetPort": "funasr"} in service["spec"]["ports"]
 
 
 def test_ingress_nginx_overlay_terminates_tls_for_the_device_host() -> None:
@@ -241,8 +261,10 @@ def test_device_route_attaches_only_to_the_tls_listener_without_a_request_timeou
 ) -> None:
     [route] = [o for o in render(overlay) if o["apiVersion"] == GATEWAY_API]
     assert [p["sectionName"] for p in route["spec"]["parentRefs"]] == ["https"]
-    [rule] = route["spec"]["rules"]
-    assert rule["timeouts"]["request"] == "0s"
+    [devices] = [
+        r for r in route["spec"]["rules"] if r["matches"][0]["path"]["value"] == "/xiaozhi/v1"
+    ]
+    assert devices["timeouts"]["request"] == "0s"
 
 
 @overlays
@@ -298,7 +320,7 @@ def test_container_ports_are_the_ports_the_services_listen_on(
             p["name"]: p["containerPort"] for p in _service_container(objects, service)["ports"]
         }
         if service == "gateway":
-            assert ports == {"http": settings.port}
+            assert ports == {"http": settings.port, "funasr": settings.funasr_port}
         else:
             assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
 
