@@ -9,7 +9,7 @@ invocation on the same machine, alternating:
   opuslib (``SF_GATEWAY_OPUS_BINDING=opuslib``) and one AudioFrame message
   per frame to the VAD (``SF_GATEWAY_VAD_WIRE=frames``);
 - ``current``: the defaults (libopus into a reused buffer, frames packed
-  per 10 ms send tick).
+  per 5 ms send tick).
 
 For each it prints CPU milliseconds per device-second of the gateway and
 per stream-second of the VAD (process CPU time over the audio sent, and for

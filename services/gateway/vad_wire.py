@@ -6,7 +6,7 @@ takes a prefix of that queue for each ``VadRequest``. Two wire forms:
 - ``ticks``: the sender waits out a short tick before each write, so every
   session's frames of that tick leave together, packed in columns into one
   ``FrameBlock`` (ids, seqs, lengths and one byte string). A thousand
-  listening devices cost a hundred writes a second, not seventeen thousand,
+  listening devices cost two hundred writes a second, not seventeen thousand,
   and no protobuf message per frame on either side.
 - ``frames``: one ``AudioFrame`` message per frame, written as soon as the
   sender gets to it (merged only while a backlog waits): the earlier path,
