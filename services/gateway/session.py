@@ -57,14 +57,7 @@ class DeviceSession:
         self.link = link
         self._who = Speaker(session_id, device_id)
         settings = ctx.settings
-        self._cutter = UtteranceCutter(
-            CutLimits(
-                max_utterance_s=settings.max_utterance_s,
-                min_utterance_ms=settings.min_utterance_ms,
-                min_speech_dbfs=settings.min_speech_dbfs,
-                silence_ms=settings.vad_silence_ms,
-            )
-        )
+        self._cutter = UtteranceCutter(CutLimits.from_settings(settings))
         self.vad = SessionVad(
             session_id,
             ctx.vad,

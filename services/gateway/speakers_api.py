@@ -44,7 +44,7 @@ def admin_refusal(settings: GatewaySettings, authorization: str | None) -> tuple
     return None
 
 
-def body_refusal(headers: Headers) -> tuple[int, str] | None:
+def body_refusal(headers: Headers, limit: int = MAX_REQUEST_BYTES) -> tuple[int, str] | None:
     """Why the body this request announces is refused before it is read, if it is."""
     length = headers.get("content-length")
     if length is None:
@@ -53,8 +53,8 @@ def body_refusal(headers: Headers) -> tuple[int, str] | None:
         return None
     if not length.isdigit():
         return 400, "invalid Content-Length"
-    if int(length) > MAX_REQUEST_BYTES:
-        return 413, f"request body over {MAX_REQUEST_BYTES} bytes"
+    if int(length) > limit:
+        return 413, f"request body over {limit} bytes"
     return None
 
 

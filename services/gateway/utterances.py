@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from services.common.audio import SAMPLE_RATE, loudest_frame_dbfs, ms_to_samples
 from services.gateway import metrics
 from services.gateway.audio_buffer import UtteranceBuffer
+from services.gateway.config import GatewaySettings
 
 # How far behind the newest audio a VAD replica has been through a speech
 # start it has not reported yet may lie (its detector reports a start once
@@ -46,6 +47,15 @@ class CutLimits:
     min_utterance_ms: int
     min_speech_dbfs: float
     silence_ms: int
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> CutLimits:
+        return cls(
+            max_utterance_s=settings.max_utterance_s,
+            min_utterance_ms=settings.min_utterance_ms,
+            min_speech_dbfs=settings.min_speech_dbfs,
+            silence_ms=settings.vad_silence_ms,
+        )
 
 
 class UtteranceCutter:

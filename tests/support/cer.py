@@ -5,7 +5,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Sequence
 
-from support.wer import edit_distance
+from support.wer import corpus_error_rate
 
 
 def characters(text: str) -> list[str]:
@@ -15,13 +15,4 @@ def characters(text: str) -> list[str]:
 
 def character_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     """Corpus CER: total character edits over total reference characters."""
-    if len(references) != len(hypotheses):
-        raise ValueError("references and hypotheses differ in length")
-    errors = total = 0
-    for ref, hyp in zip(references, hypotheses, strict=True):
-        ref_chars = characters(ref)
-        errors += edit_distance(ref_chars, characters(hyp))
-        total += len(ref_chars)
-    if total == 0:
-        raise ValueError("no reference characters")
-    return errors / total
+    return corpus_error_rate(references, hypotheses, characters)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 _NON_WORD = re.compile(r"[^a-z0-9' ]+")
 
@@ -30,15 +30,22 @@ def edit_distance(ref: Sequence[str], hyp: Sequence[str]) -> int:
     return previous[-1]
 
 
-def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
-    """Corpus WER: total word edits over total reference words."""
+def corpus_error_rate(
+    references: Sequence[str], hypotheses: Sequence[str], tokens: Callable[[str], list[str]]
+) -> float:
+    """Total token edits over total reference tokens, ``tokens`` splitting a text."""
     if len(references) != len(hypotheses):
         raise ValueError("references and hypotheses differ in length")
-    errors = words = 0
+    errors = total = 0
     for ref, hyp in zip(references, hypotheses, strict=True):
-        ref_words = normalize(ref)
-        errors += edit_distance(ref_words, normalize(hyp))
-        words += len(ref_words)
-    if words == 0:
-        raise ValueError("no reference words")
-    return errors / words
+        ref_tokens = tokens(ref)
+        errors += edit_distance(ref_tokens, tokens(hyp))
+        total += len(ref_tokens)
+    if total == 0:
+        raise ValueError("no reference tokens")
+    return errors / total
+
+
+def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Corpus WER: total word edits over total reference words."""
+    return corpus_error_rate(references, hypotheses, normalize)

@@ -24,6 +24,7 @@ from services.gateway.compat.voiceprint_api import MAX_VOICEPRINT_BYTES, voicepr
 from services.gateway.config import GatewaySettings
 from services.gateway.context import GatewayContext
 from services.gateway.limits import ConnectionCounts
+from services.gateway.speakers_api import body_refusal
 
 # The multipart form around the file.
 FORM_OVERHEAD = 64 * 1024
@@ -39,19 +40,6 @@ def _api(path: str) -> str | None:
         return "openai"
     if path == "/voiceprint" or path.startswith("/voiceprint/"):
         return "voiceprint"
-    return None
-
-
-def _size_refusal(headers: Headers, limit: int) -> tuple[int, str] | None:
-    length = headers.get("content-length")
-    if length is None:
-        if "transfer-encoding" in headers:
-            return 411, "send the body with a Content-Length"
-        return None
-    if not length.isdigit():
-        return 400, "invalid Content-Length"
-    if int(length) > limit:
-        return 413, f"request body over {limit} bytes"
     return None
 
 
@@ -107,7 +95,7 @@ class CompatHttp:
             limit = (
                 self.settings.openai_max_upload_bytes if api == "openai" else MAX_VOICEPRINT_BYTES
             )
-            refusal = _size_refusal(headers, limit + FORM_OVERHEAD)
+            refusal = body_refusal(headers, limit + FORM_OVERHEAD)
         # Work (an upload to recognise or embed) is admitted like a connection.
         working = scope["method"] == "POST"
         token_key, address = ConnectionCounts.token_key(key), self._address(headers, scope)

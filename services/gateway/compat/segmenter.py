@@ -81,14 +81,7 @@ class VadSegmenter:
         on_segment: Callable[[Utterance], None],
     ) -> None:
         settings = ctx.settings
-        self.cutter = UtteranceCutter(
-            CutLimits(
-                max_utterance_s=settings.max_utterance_s,
-                min_utterance_ms=settings.min_utterance_ms,
-                min_speech_dbfs=settings.min_speech_dbfs,
-                silence_ms=settings.vad_silence_ms,
-            )
-        )
+        self.cutter = UtteranceCutter(CutLimits.from_settings(settings))
         self.vad = SessionVad(
             name, ctx.vad, _Observed(ctx, self), self.cutter, settings.vad_silence_ms, self._cut
         )
