@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PROTOS := $(wildcard protos/*.proto)
 PROTO_OUT := services/protos
 
-.PHONY: setup run test lint typecheck unit e2e sysdeps models proto clean
+.PHONY: setup run test lint typecheck unit e2e soak sysdeps models proto clean
 
 setup: sysdeps $(VENV)/.installed models proto
 
@@ -33,7 +33,11 @@ unit: setup
 	$(BIN)/pytest -q -m "not e2e"
 
 e2e: setup
-	$(BIN)/pytest -q -m e2e
+	$(BIN)/pytest -q -m "e2e and not soak"
+
+# Long runs under churn (a rolling restart of every tier under talking devices).
+soak: setup
+	$(BIN)/pytest -q -m soak -s
 
 # System packages, installed only when something is missing.
 sysdeps:
