@@ -198,6 +198,15 @@ async def talk_while_frozen(
     not restarted by anyone here), then they are thawed.
     """
     ids = [f"{prefix}-{i}" for i in range(count)]
+    # Sessions are pinned to a VAD replica when they connect: a replica the
+    # gateways have not reconnected to yet (respawned by an earlier test) would
+    # be frozen with no session on it.
+    links = len(cluster.replicas["gateway"]) * len(cluster.replicas["vad"])
+    await wait_for(
+        lambda: gateway_counter(cluster, "speechfront_gateway_vad_connected") >= links,
+        20,
+        "gateways not connected to every VAD replica",
+    )
     if any(v.startswith("speaker") for v in victims):
         await asyncio.to_thread(enrol, cluster, ids)
     devices = [device(cluster, device_id) for device_id in ids]

@@ -45,6 +45,11 @@ VAD_BACKLOG = Gauge(
     "speechfront_gateway_vad_backlog", "VAD operations waiting to be sent, by replica.", ["replica"]
 )
 
+VAD_CONNECTED = Gauge(
+    "speechfront_gateway_vad_connected",
+    "1 while this gateway's stream to the VAD replica is up, by replica.",
+    ["replica"],
+)
 VAD_WRITES = Counter(
     "speechfront_gateway_vad_writes_total",
     "VadRequest messages written to VAD replicas (one per send tick while audio flows).",
@@ -105,6 +110,7 @@ class VadStreamClient:
         # (``has_room``) while closes always go, so cleanup never fails.
         self._queue = Outgoing()
         self._backlog = VAD_BACKLOG.labels(target)
+        self._connected_gauge = VAD_CONNECTED.labels(target)
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
@@ -114,6 +120,7 @@ class VadStreamClient:
     async def stop(self) -> None:
         # grpc may not let a wait on a dead replica go at once; a stop must return.
         await cancel_and_wait(self._task, limit_s=5.0)
+        self._connected_gauge.set(0)
 
     # -- operations (never raise) ------------------------------------------
 
@@ -156,6 +163,7 @@ class VadStreamClient:
                 call = stub.Stream(self._requests(self._queue), wait_for_ready=True)
                 await asyncio.wait_for(call.wait_for_connection(), self._connect_timeout_s)
                 self.connected.set()
+                self._connected_gauge.set(1)
                 was_connected = True
                 backoff = 0.1
                 watchdog = asyncio.create_task(self._watch_health(channel, call))
@@ -174,6 +182,7 @@ class VadStreamClient:
                     log.warning("VAD stream to %s failed: %s", self.target, exc)
             finally:
                 self.connected.clear()
+                self._connected_gauge.set(0)
                 await cancel_and_wait(watchdog)
                 await close_channel(channel)
             # Each connection attempt reads its own queue. grpc keeps polling
