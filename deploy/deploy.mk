@@ -3,7 +3,7 @@
 #   make deploy   apply the production (gpu) overlay to the current kubectl context
 #   make images   build the CPU and the CUDA image (needs docker)
 
-OVERLAYS := gpu cpu-lite gpu-ingress-nginx
+OVERLAYS := gpu cpu-lite gpu-ingress-nginx gpu-gke gpu-istio
 K8S_DIR := deploy/k8s
 K8S_BUILD := build/k8s
 IMAGE ?= registry.example.com/speechfront

@@ -69,6 +69,8 @@ CRD_MODELS: dict[tuple[str, str], type[BaseModel]] = {
     ("keda.sh/v1alpha1", "ScaledObject"): ScaledObject,
 }
 GATEWAY_API = "gateway.networking.k8s.io/v1"
+# Checked by deploy/schema-check (the @kubernetes-models schemas, in node).
+NODE_CHECKED = {GATEWAY_API, "networking.gke.io/v1", "networking.istio.io/v1"}
 # Fields newer than the installed models, checked by hand in their own tests:
 # KEDA 2.17's fallback.behavior (test_autoscalers_hold_their_ground_without_metrics).
 NEWER_THAN_THE_MODELS = {".spec.fallback.behavior"}
@@ -83,7 +85,7 @@ overlays = pytest.mark.parametrize("overlay", OVERLAYS)
 
 
 def _is_custom(obj: Manifest) -> bool:
-    return (obj["apiVersion"], obj["kind"]) in CRD_MODELS or obj["apiVersion"] == GATEWAY_API
+    return (obj["apiVersion"], obj["kind"]) in CRD_MODELS or obj["apiVersion"] in NODE_CHECKED
 
 
 def _pod_specs(objects: list[Manifest]) -> Iterator[tuple[str, Manifest]]:
@@ -191,14 +193,15 @@ def test_prometheus_operator_and_keda_objects_match_their_schemas(overlay: str) 
     assert checked >= 9  # 4 ServiceMonitors, 4 ScaledObjects, 1 PrometheusRule
 
 
-@pytest.mark.parametrize("overlay", ["gpu", "cpu-lite"])
-def test_gateway_api_routes_match_their_schemas(overlay: str) -> None:
+@overlays
+def test_gateway_api_routes_and_load_balancer_policies_match_their_schemas(overlay: str) -> None:
     assert (SCHEMA_CHECK / "node_modules").is_dir(), "run `make deploy-tools`"
-    routes = [o for o in render(overlay) if o["apiVersion"] == GATEWAY_API]
-    assert routes, "the device route is missing"
+    checked = [o for o in render(overlay) if o["apiVersion"] in NODE_CHECKED]
+    if overlay != "gpu-ingress-nginx":
+        assert any(o["apiVersion"] == GATEWAY_API for o in checked), "the device route is missing"
     result = subprocess.run(
         ["node", str(SCHEMA_CHECK / "validate.mjs")],
-        input=json.dumps(routes),
+        input=json.dumps(checked),
         capture_output=True,
         text=True,
         timeout=60,
@@ -207,6 +210,44 @@ def test_gateway_api_routes_match_their_schemas(overlay: str) -> None:
     )
     failures = [r for r in json.loads(result.stdout) if not r["ok"]]
     assert not failures, failures
+
+
+def test_schema_check_rejects_a_policy_field_of_the_wrong_type() -> None:
+    [policy] = by_kind(render("gpu-gke"), "GCPBackendPolicy")
+    broken = json.loads(json.dumps(policy))
+    broken["spec"]["default"]["timeoutSec"] = "an hour"
+    result = subprocess.run(
+        ["node", str(SCHEMA_CHECK / "validate.mjs")],
+        input=json.dumps([broken]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=SCHEMA_CHECK,
+        check=True,
+    )
+    [verdict] = json.loads(result.stdout)
+    assert not verdict["ok"] and "timeoutSec" in verdict["error"]
+
+
+def test_gke_overlay_keeps_device_sockets_an_hour_and_checks_health_on_readyz() -> None:
+    objects = render("gpu-gke")
+    backend = named(objects, "GCPBackendPolicy", "gateway")["spec"]
+    assert backend["targetRef"] == {"group": "", "kind": "Service", "name": "gateway"}
+    # GKE's default of 30 s would end every device WebSocket after 30 s.
+    assert backend["default"]["timeoutSec"] >= 3600
+    assert backend["default"]["sessionAffinity"]["type"] == "CLIENT_IP"
+    health = named(objects, "HealthCheckPolicy", "gateway")["spec"]
+    assert health["targetRef"] == backend["targetRef"]
+    assert health["default"]["config"]["httpHealthCheck"]["requestPath"] == "/readyz"
+
+
+def test_istio_overlay_keeps_device_sockets_an_hour_and_hashes_on_the_device_id() -> None:
+    objects = render("gpu-istio")
+    rule = named(objects, "DestinationRule", "gateway")["spec"]
+    assert rule["host"] == "gateway.speechfront.svc.cluster.local"
+    policy = rule["trafficPolicy"]
+    assert policy["connectionPool"]["http"]["idleTimeout"] == "3600s"
+    assert policy["loadBalancer"]["consistentHash"]["httpHeaderName"] == "Device-Id"
 
 
 def test_ingress_nginx_overlay_routes_devices_with_device_id_affinity() -> None:

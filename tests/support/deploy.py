@@ -14,7 +14,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
-OVERLAYS = ("gpu", "cpu-lite", "gpu-ingress-nginx")
+OVERLAYS = ("gpu", "cpu-lite", "gpu-ingress-nginx", "gpu-gke", "gpu-istio")
 DASHBOARDS = K8S / "base" / "dashboards"
 SCHEMA_CHECK = REPO / "deploy" / "schema-check"
 
