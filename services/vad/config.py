@@ -44,3 +44,9 @@ class VadSettings(ServiceSettings):
     max_backlog_s: float = Field(
         10.0, gt=0, description="Unprocessed audio per stream before it is failed."
     )
+    stuck_step_s: float = Field(
+        60.0,
+        gt=0,
+        description="A tick's step running this long, and 20 times what its audio usually "
+        "costs, is taken for a hung inference thread: the liveness check fails.",
+    )

@@ -143,5 +143,9 @@ def main() -> None:
             lambda server: vad_pb2_grpc.add_VadServicer_to_server(servicer, server),
             start,
             stop,
+            # The event loop answers the plain health check even while the
+            # inference thread is hung; a step that never returns must fail
+            # liveness so the kubelet restarts the replica.
+            alive=lambda: not table.stuck(settings.stuck_step_s),
         )
     )

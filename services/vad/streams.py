@@ -36,7 +36,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 from prometheus_client import Counter, Gauge
@@ -51,6 +53,8 @@ from services.vad.engine import VadEngine, VadEvent
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 STREAMS = Gauge("speechfront_vad_streams", "Live VAD streams on this replica.")
 FRAMES = Counter("speechfront_vad_frames_total", "Audio frames received.")
 EVENTS = Counter("speechfront_vad_events_total", "Speech events emitted, by kind.", ["kind"])
@@ -60,6 +64,19 @@ STREAM_ERRORS = Counter(
 TICK_LAG = Gauge(
     "speechfront_vad_tick_lag_seconds", "How late the last tick started against its schedule."
 )
+
+# A step is taken for a hung inference thread (the liveness check) once it
+# has run STUCK_FACTOR times what its audio usually costs, and at least
+# STUCK_FLOOR_S: the batched services' rule (services.common.batching), with
+# the usual cost scaled by the audio the step was handed, because a
+# catch-up tick after a stall (every stream bringing up to ``max_step_s``)
+# legitimately runs thousands of times longer than a 60 ms one. The floor
+# covers a replica that has not timed a step yet and pauses no step size
+# explains (a heap trim, a swap-in); a real 60 ms tick steps in milliseconds.
+STUCK_FACTOR = 20.0
+STUCK_FLOOR_S = 60.0
+# Weight of the newest step in the running mean of cost per audio second.
+_COST_SMOOTHING = 0.2
 
 # Events for one connection, and (as ints) the request batches acknowledged.
 Outbox = asyncio.Queue[vad_pb2.SpeechEvent | int]
@@ -211,6 +228,11 @@ class StreamTable:
         self._ticker: asyncio.Task[None] | None = None
         # Held from collecting a tick's work until its events are routed.
         self._ticking = asyncio.Lock()
+        # The inference call now running (when it began, the audio it was
+        # handed in seconds) and what a second of audio usually costs.
+        self._call_started: float | None = None
+        self._call_audio_s = 0.0
+        self._cost_per_audio_s: float | None = None
 
     @staticmethod
     def engine_id(key: tuple[int, str]) -> str:
@@ -321,6 +343,32 @@ class StreamTable:
         self._acked.pop(conn, None)
         self._told = {k for k in self._told if k[0] != conn}
 
+    def call_running_for(self) -> float:
+        """Seconds the inference call now running has taken so far (0 between calls)."""
+        started = self._call_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    def stuck(self, floor_s: float = STUCK_FLOOR_S) -> bool:
+        """The inference thread has not come back from a tick's call for far longer
+        than that call's audio usually takes (see ``STUCK_FACTOR``)."""
+        usual = self._call_audio_s * (self._cost_per_audio_s or 0.0)
+        return self.call_running_for() > max(floor_s, STUCK_FACTOR * usual)
+
+    async def _on_inference(self, audio_s: float, fn: Callable[[], T]) -> T:
+        self._call_audio_s = audio_s
+        self._call_started = started = time.monotonic()
+        try:
+            result = await self._inference.run(fn)
+        finally:
+            self._call_started = None
+        if audio_s > 0:
+            cost = (time.monotonic() - started) / audio_s
+            mean = self._cost_per_audio_s
+            self._cost_per_audio_s = (
+                cost if mean is None else mean + _COST_SMOOTHING * (cost - mean)
+            )
+        return result
+
     def start(self) -> None:
         self._ticker = asyncio.create_task(self._tick_forever(), name="vad-ticker")
 
@@ -384,17 +432,18 @@ class StreamTable:
             if self._trimmer.due():
                 # Quiet now (streams gone, say): give back what the last
                 # ticks freed, on the thread whose arena holds it.
-                await self._inference.run(self._trimmer.maybe_trim)
+                await self._on_inference(0.0, self._trimmer.maybe_trim)
             return behind
         started = time.monotonic()
-        events = await self._inference.run(
-            _apply_then_step, self._engine, changes, work, self._chunk, self._trimmer
+        audio_s = sum(w.samples for w in work) / SAMPLE_RATE
+        events = await self._on_inference(
+            audio_s,
+            lambda: _apply_then_step(self._engine, changes, work, self._chunk, self._trimmer),
         )
         if stepped:
             metrics.MODEL_SECONDS.labels("vad").observe(time.monotonic() - started)
             metrics.BATCH_SIZE.labels("vad").observe(len(stepped))
-            audio = sum(w.samples for w in work)
-            metrics.AUDIO_SECONDS.labels("vad").inc(audio / SAMPLE_RATE)
+            metrics.AUDIO_SECONDS.labels("vad").inc(audio_s)
         for event in events:
             owner = stepped.get(event.stream_id)
             if owner is None or not self._is_live(owner):
