@@ -17,7 +17,15 @@ log = logging.getLogger(__name__)
 # The share of the drain over which hand-offs are spread; the rest is for
 # sessions that keep talking past their turn.
 HANDOFF_SPREAD = 0.5
+# The share at the end of the drain kept for the last hand-offs' speech to be
+# flushed through the VAD and recognised before their sockets close: a
+# session still talking at the end must not get only a moment for that.
+SETTLE_SHARE = 0.3
 PAUSE_POLL_S = 0.05
+# How often the drain looks for sessions that joined after it began (their
+# upgrade was accepted just before): each is handed off too, not cut when
+# the server stops.
+LATE_JOIN_POLL_S = 0.2
 # A session heard saying nothing this long is closed without waiting for an
 # utterance to end (a device that is not talking). Long enough that a device
 # between two sentences is caught at the end of the next one instead: the VAD
@@ -25,20 +33,20 @@ PAUSE_POLL_S = 0.05
 QUIET_S = 4.0
 
 
-async def hand_off(session: DeviceSession, turn: float, deadline: float) -> None:
+async def hand_off(session: DeviceSession, turn: float, settle_at: float, deadline: float) -> None:
     """Close one session for a reconnect elsewhere, losing nothing it said.
 
     From ``turn`` on, wait for the moment an utterance of the session ends
     (or for ``QUIET_S`` without speech), stop listening, let its results be
     delivered, then close with 1012 (service restart): the device reconnects
     through the Service to another gateway and goes on there. At
-    ``deadline`` speech still in progress is ended where it is and
-    recognised, as a drain always did.
+    ``settle_at`` speech still in progress is ended where it is and
+    recognised, with until ``deadline`` for its results.
     """
     loop = asyncio.get_running_loop()
     await asyncio.sleep(max(0.0, turn - loop.time()))
     quiet_since: float | None = loop.time()
-    while loop.time() < deadline:
+    while loop.time() < settle_at:
         if session.vad.in_speech:
             quiet_since = None
         elif quiet_since is None or loop.time() - quiet_since >= QUIET_S:
@@ -57,7 +65,8 @@ async def drain(ctx: GatewayContext) -> None:
     /readyz says not ready at once. The sessions are handed off in turns
     spread over the first half of ``drain_timeout_s`` (so their devices
     reconnect to the other gateways a few at a time, not all in the same
-    instant), each at a pause in its speech (``hand_off``).
+    instant), each at a pause in its speech (``hand_off``); a session whose
+    hello completes after the drain began is handed off as it appears.
     """
     ctx.draining = True
     sessions = list(ctx.hub.sessions.values())
@@ -67,14 +76,34 @@ async def drain(ctx: GatewayContext) -> None:
     timeout = ctx.settings.drain_timeout_s
     step = timeout * HANDOFF_SPREAD / max(1, len(sessions))
     deadline = now + timeout
-    outcomes = await asyncio.gather(
-        *(hand_off(s, now + i * step, deadline) for i, s in enumerate(sessions)),
-        return_exceptions=True,
-    )
-    for session, outcome in zip(sessions, outcomes, strict=True):
+    settle_at = deadline - timeout * SETTLE_SHARE
+    handing = {
+        s.session_id: (s, asyncio.create_task(hand_off(s, now + i * step, settle_at, deadline)))
+        for i, s in enumerate(sessions)
+    }
+    try:
+        # Admitted connections include upgrades still waiting for their hello
+        # (and compatible-API calls, which finish meanwhile).
+        while loop.time() < deadline and (
+            ctx.connections.total or not all(task.done() for _, task in handing.values())
+        ):
+            for session in list(ctx.hub.sessions.values()):
+                if session.session_id not in handing:
+                    late = asyncio.create_task(hand_off(session, now, settle_at, deadline))
+                    handing[session.session_id] = (session, late)
+            await asyncio.sleep(LATE_JOIN_POLL_S)
+    finally:
+        outcomes = await asyncio.gather(
+            *(task for _, task in handing.values()), return_exceptions=True
+        )
+    for (session, _), outcome in zip(handing.values(), outcomes, strict=True):
         if isinstance(outcome, Exception):
             log.warning("hand-off of session %s failed: %s", session.session_id, outcome)
-    log.info("drained")
+    log.info(
+        "drained %d sessions (%d joined during the drain)",
+        len(handing),
+        len(handing) - len(sessions),
+    )
 
 
 class DrainingServer(uvicorn.Server):

@@ -77,23 +77,27 @@ class SimulatedDevice:
         )
         self._reader = asyncio.create_task(self._read())
         if send_hello:
-            await self.send_json(
-                {
-                    "type": "hello",
-                    "version": self.config.protocol_version,
-                    "features": {"mcp": True},
-                    "transport": "websocket",
-                    "audio_params": {
-                        "format": "opus",
-                        "sample_rate": SAMPLE_RATE,
-                        "channels": 1,
-                        "frame_duration": FRAME_MS,
-                    },
-                    **self.config.hello_extra,
-                }
-            )
-            hello = await self.expect("hello", timeout=10)
-            self.session_id = str(hello["session_id"])
+            await self.hello()
+
+    async def hello(self) -> None:
+        """Send the device's hello and take the session id from the reply."""
+        await self.send_json(
+            {
+                "type": "hello",
+                "version": self.config.protocol_version,
+                "features": {"mcp": True},
+                "transport": "websocket",
+                "audio_params": {
+                    "format": "opus",
+                    "sample_rate": SAMPLE_RATE,
+                    "channels": 1,
+                    "frame_duration": FRAME_MS,
+                },
+                **self.config.hello_extra,
+            }
+        )
+        hello = await self.expect("hello", timeout=10)
+        self.session_id = str(hello["session_id"])
 
     async def close(self) -> None:
         if self._ws is not None:
