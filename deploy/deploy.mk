@@ -2,6 +2,8 @@
 #   make render   render every overlay to build/k8s/<overlay>.yaml (offline)
 #   make deploy   apply the production (gpu) overlay to the current kubectl context
 #   make images   build the CPU and the CUDA image (needs docker)
+#   make image-check  build the CPU image with no registry and run a device
+#                 through it (slow, needs disk; docs/images.md)
 
 OVERLAYS := gpu cpu-lite gpu-ingress-nginx gpu-gke gpu-istio
 K8S_DIR := deploy/k8s
@@ -12,7 +14,7 @@ CUDA_BASE_IMAGE ?= nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04
 CUDA_TORCH_INDEX ?= https://download.pytorch.org/whl/cu126
 SCHEMA_CHECK := deploy/schema-check
 
-.PHONY: render deploy images deploy-tools constraints
+.PHONY: render deploy images image-check deploy-tools constraints
 
 render: $(addprefix $(K8S_BUILD)/,$(addsuffix .yaml,$(OVERLAYS)))
 
@@ -35,6 +37,12 @@ images:
 		--build-arg TORCH_INDEX_URL=$(CUDA_TORCH_INDEX) \
 		--build-arg BAKE_LITE_MODELS=false \
 		-t $(IMAGE):$(IMAGE_VERSION)-cuda .
+
+# Engine (Debian's docker.io) and base image (debootstrap) made here, the CPU
+# image built from them, its services started as the cpu-lite overlay runs
+# them and a simulated device's transcript checked. Not part of make test.
+image-check:
+	scripts/image/image_check.sh
 
 # The image's package versions: what the virtual environment (and so the
 # tests) runs, torch aside (the Dockerfile pins it per index).
