@@ -18,12 +18,13 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import httpx
 import numpy as np
 import pytest
+import redis
 from conftest import ADMIN_TOKEN, DEVICE_TOKEN, SPEAKER_THRESHOLD
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.wer import word_error_rate
@@ -273,12 +274,8 @@ async def talk_until(cluster: LocalCluster, talk: Talk, index: int, stop: asynci
             # connection, which a device opens at once.
             await d.close()
             talk.reconnects += 1
-            d = device(cluster, talk.device_id)
-            try:
-                await d.connect()
-            except Exception:
-                d = None
-            else:
+            d = await reconnect(cluster, talk.device_id)
+            if d is not None:
                 message, why = await stt_or_why(d, timeout=20)
                 talk.after_reconnect += message is not None
         if message is None:  # said whole, never answered
@@ -293,6 +290,20 @@ async def talk_until(cluster: LocalCluster, talk: Talk, index: int, stop: asynci
                 await d.listen("stop")
     if d is not None:
         await d.close()
+
+
+async def reconnect(cluster: LocalCluster, device_id: str) -> SimulatedDevice | None:
+    """A new connection for the device, tried as a device does: again and again
+    for a few seconds (the front may first pick a gateway that is draining)."""
+    for _ in range(25):
+        d = device(cluster, device_id)
+        try:
+            await d.connect()
+        except Exception:
+            await asyncio.sleep(0.2)
+            continue
+        return d
+    return None
 
 
 async def stt_or_why(d: SimulatedDevice, timeout: float) -> tuple[dict[str, Any] | None, str]:
@@ -313,6 +324,30 @@ async def stt_or_why(d: SimulatedDevice, timeout: float) -> tuple[dict[str, Any]
             return message, ""
         seen.append(" ".join(str(message.get(k, "")) for k in ("type", "state", "reason")))
     return None, f"session {d.session_id}: no stt in {timeout} s: {seen}"
+
+
+def transcripts_of(cluster: LocalCluster, device_ids: set[str]) -> list[tuple[str, str, str]]:
+    """What the transcript stream recorded for these devices: (device, session, text)."""
+    client = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
+    try:
+        entries = cast(list[tuple[str, dict[str, str]]], client.xrange("sf:transcripts"))
+    finally:
+        client.close()
+    return [
+        (f["device_id"], f["session_id"], f["text"])
+        for _, f in entries
+        if f["device_id"] in device_ids
+    ]
+
+
+def utterance_outcomes(cluster: LocalCluster) -> list[str]:
+    """How the gateways' utterances ended (ok, empty, too short, silent, failed...)."""
+    lines = []
+    for replica in cluster.replicas["gateway"]:
+        text = httpx.get(f"http://127.0.0.1:{replica.port}/metrics", timeout=5).text
+        lines += [f"{replica.name}: {line}" for line in text.splitlines()
+                  if line.startswith("speechfront_gateway_utterances_total{")]  # fmt: skip
+    return lines
 
 
 def log_lines_of(cluster: LocalCluster, why: list[str]) -> list[str]:
@@ -384,6 +419,8 @@ async def test_a_rolling_restart_of_every_tier_under_30_talking_devices_loses_no
     assert not lost, (
         lost,
         [w for t in talks for w in t.why],
+        transcripts_of(rollout, {device_id for device_id, _ in lost}),
+        utterance_outcomes(rollout),
         log_lines_of(rollout, [w for t in talks for w in t.why])[-60:],
     )
     # Recognition errors of the lite model are not losses; they stay rare.
