@@ -46,14 +46,27 @@ async def hand_off(session: DeviceSession, turn: float, settle_at: float, deadli
     loop = asyncio.get_running_loop()
     await asyncio.sleep(max(0.0, turn - loop.time()))
     quiet_since: float | None = loop.time()
+    moment = "at its settle time"
     while loop.time() < settle_at:
         if session.vad.in_speech:
             quiet_since = None
-        elif quiet_since is None or loop.time() - quiet_since >= QUIET_S:
-            break  # an utterance has just ended, or the device is not talking
+        elif quiet_since is None:
+            moment = "after an utterance"
+            break
+        elif loop.time() - quiet_since >= QUIET_S:
+            moment = "while quiet"
+            break
         await asyncio.sleep(PAUSE_POLL_S)
     session.begin_drain()
-    await session.wait_idle(max(1.0, deadline - loop.time()))
+    idle = await session.wait_idle(max(1.0, deadline - loop.time()))
+    if idle:
+        log.info("session %s handed off %s", session.session_id, moment)
+    else:
+        # Its last results go to the device's undelivered list, or are lost
+        # with the VAD streams still open.
+        log.warning(
+            "session %s handed off %s before its speech was done", session.session_id, moment
+        )
     await session.close_for_restart()
 
 

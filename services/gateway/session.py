@@ -198,8 +198,9 @@ class DeviceSession:
         """Stop listening: speech in progress ends now and is still recognised."""
         self._stop_listening()
 
-    async def wait_idle(self, timeout: float) -> None:
-        """Until every utterance has its result and every VAD stream is closed (bounded)."""
+    async def wait_idle(self, timeout: float) -> bool:
+        """Until every utterance has its result and every VAD stream is closed
+        (bounded); whether that happened in time."""
         deadline = time.monotonic() + timeout
         await self._delivery.wait_idle(timeout)
         while self.vad.busy and time.monotonic() < deadline:
@@ -207,6 +208,7 @@ class DeviceSession:
         if self._delivery.pending:
             # Ends that arrived while waiting for the streams.
             await self._delivery.wait_idle(max(0.0, deadline - time.monotonic()))
+        return not self._delivery.pending and not self.vad.busy
 
     def record_connected(
         self, client_id: str, protocol_version: int, hello: dict[str, Any]
