@@ -9,6 +9,7 @@ kept for the device's next connection.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from services.common.audio import samples_to_ms
 from services.gateway import metrics
 from services.gateway.compute import ComputeClients
 from services.gateway.config import GatewaySettings
+from services.gateway.hub import CONTROL_PREFIX
 from services.gateway.store import SessionStore
 from services.gateway.utterances import Utterance
 from services.protos import asr_pb2
@@ -106,7 +108,7 @@ class Recognizer:
             }
         )
         if not await send(message):
-            await self._store.save_undelivered(who.device_id, message)
+            await self._keep_for_device(who, message)
         metrics.PROCESSING_SECONDS.observe(time.monotonic() - utterance.decided_at)
         metrics.UTTERANCES.labels("ok").inc()
         await self._store.save_session(
@@ -119,6 +121,17 @@ class Recognizer:
                 "utterances": str(utterance.seq),
             },
         )
+
+    async def _keep_for_device(self, who: Speaker, message: dict[str, Any]) -> None:
+        """The device has left this session: keep the result for it, and tell the
+        session it already has elsewhere, which read the kept results when it
+        began (a device that was handed off or dropped reconnects at once)."""
+        await self._store.save_undelivered(who.device_id, message)
+        route = await self._store.device_route(who.device_id)
+        current, gateway = route.get("session_id"), route.get("gateway_id")
+        if current and gateway and current != who.session_id:
+            notice = json.dumps({"redeliver": current})
+            await self._store.publish(f"{CONTROL_PREFIX}{gateway}", notice)
 
     async def _transcribe(
         self, pcm: bytes, utterance_id: str, language: str
