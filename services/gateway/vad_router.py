@@ -67,7 +67,7 @@ class VadRouter:
         target: str,
         on_event: EventHandler,
         on_lost: LostHandler,
-        refresh_s: float = 15.0,
+        refresh_s: float = 5.0,
         max_backlog: int = 20_000,
         progress_timeout_s: float = 10.0,
     ) -> None:
