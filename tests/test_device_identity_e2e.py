@@ -14,11 +14,12 @@ import contextlib
 import hashlib
 import hmac
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import cast
 
 import pytest
 import redis
+from support.waiting import eventually
 from support.wer import word_error_rate
 
 from services.cluster import LocalCluster
@@ -129,13 +130,6 @@ def stt_messages(device: SimulatedDevice) -> list[dict[str, object]]:
         if message.get("type") == "stt":
             found.append(message)
     return found
-
-
-async def eventually(check: Callable[[], object], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.1)
 
 
 async def test_a_token_computed_as_xiaozhi_does_works_unchanged(

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import redis
 from conftest import ADMIN_TOKEN, DEVICE_TOKEN
+from support.waiting import eventually
 from support.wer import word_error_rate
 
 from services.cluster import LocalCluster
@@ -88,14 +89,6 @@ def enrol(cluster: LocalCluster, device_ids: list[str]) -> None:
         enrol_speaker(cluster.gateway_url, ADMIN_TOKEN, device_id, "owner", audio)
 
 
-async def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.1)
-
-
 async def test_backend_reply_reaches_only_its_device(
     replicated: LocalCluster, store: redis.Redis
 ) -> None:
@@ -104,11 +97,11 @@ async def test_backend_reply_reaches_only_its_device(
     await b.connect()
     llm = json.dumps({"type": "llm", "emotion": "happy", "text": "hi"})
     # Subscriptions are made just after the hello; publish reports its listeners.
-    await wait_for(lambda: store.publish(f"sf:reply:{a.session_id}", llm) > 0, 10, "subscribe")
+    await eventually(lambda: store.publish(f"sf:reply:{a.session_id}", llm) > 0, 10, "subscribe")
     message = await a.expect("llm", timeout=5)
     assert message["session_id"] == a.session_id
     store.publish(f"sf:reply:{a.session_id}", b"\x78\x01\x02\x03")  # an Opus packet
-    await wait_for(lambda: len(a.audio_frames) > 0, 5, "audio reply")
+    await eventually(lambda: len(a.audio_frames) > 0, 5, "audio reply")
     assert a.audio_frames[0][4:] == b"\x78\x01\x02\x03"  # v3 header, then the packet
     # The echo backend answers each device through whichever gateway holds it.
     [said_b] = await b.speak_auto([clip(2)])
@@ -137,7 +130,7 @@ async def test_new_asr_replica_takes_requests_within_seconds_of_starting(
         text = httpx.get(metrics_url, timeout=5).text
         return 'speechfront_requests_total{outcome="ok",service="asr"}' in text
 
-    await wait_for(served, 15, "new asr replica got no request within 15 s")
+    await eventually(served, 15, "new asr replica got no request within 15 s")
     results = await load
     assert time.monotonic() - started < 60
     assert all(len(r) == 6 for r in results)
@@ -205,7 +198,7 @@ async def talk_while_frozen(
     # gateways have not reconnected to yet (respawned by an earlier test) would
     # be frozen with no session on it.
     links = len(cluster.replicas["gateway"]) * len(cluster.replicas["vad"])
-    await wait_for(
+    await eventually(
         lambda: gateway_counter(cluster, "speechfront_gateway_vad_connected") >= links,
         20,
         "gateways not connected to every VAD replica",
@@ -355,11 +348,11 @@ async def test_a_device_connecting_through_another_gateway_closes_its_old_connec
     route = lambda: store.hget("sf:device:moving", "session_id")  # noqa: E731
     await old.connect()
     # The device's route is how the second gateway finds the first session.
-    await wait_for(lambda: route() == old.session_id, 5, "sf:device names the first session")
+    await eventually(lambda: route() == old.session_id, 5, "sf:device names the first session")
     await new.connect()
     code, reason = await old.wait_closed(10)
     assert code == 1000 and "replaced" in reason
-    await wait_for(lambda: route() == new.session_id, 5, "sf:device names the new session")
+    await eventually(lambda: route() == new.session_id, 5, "sf:device names the new session")
     [result] = await new.speak_auto([clip(1)])
     assert_right_text(result, SENTENCES[1])
     await new.close()
@@ -426,7 +419,9 @@ async def test_redis_outage_keeps_speech_recognised_and_state_is_written_after(
     await asyncio.sleep(max(0.0, 10.0 - 5.0))  # keep Redis down about 10 s in all
     await asyncio.to_thread(replicated.respawn, "redis")
     key = f"sf:session:{d.session_id}"
-    await wait_for(lambda: store.hget(key, "last_utterance_id") is not None, 15, "state rewritten")
+    await eventually(
+        lambda: store.hget(key, "last_utterance_id") is not None, 15, "state rewritten"
+    )
     assert store.hget(key, "last_utterance_id") == during[-1].message["utterance_id"]
     assert all(p.process.poll() is None for n, p in replicated.processes.items() if n != "front")
     await d.close()
@@ -442,7 +437,7 @@ async def test_sigterm_on_a_gateway_loses_no_utterance_that_had_ended(
         value = store.hget(f"sf:session:{d.session_id}", "gateway_id")
         return None if value is None else str(value)
 
-    await wait_for(lambda: all(gateway_of(d) for d in devices), 10, "session records")
+    await eventually(lambda: all(gateway_of(d) for d in devices), 10, "session records")
     on_target = [d for d in devices if gateway_of(d) == "gateway-1"]
     assert on_target, "the front spread no device onto gateway-1"
     first, second = synthesize("open the front door"), clip(4)
@@ -490,7 +485,7 @@ async def test_a_device_whose_hello_comes_after_the_drain_began_is_handed_off_no
             return False  # gone: it stopped without waiting for the hello
         return bool(ready.json().get("status") == "draining")
 
-    await wait_for(draining, 10, "gateway-1 did not stay up, draining, for the coming hello")
+    await eventually(draining, 10, "gateway-1 did not stay up, draining, for the coming hello")
     await late.hello()
     await late.listen("start", "auto")
     speech = np.concatenate([silence(0.3), trim_silence(clip(5)), silence(1.5)])

@@ -8,15 +8,13 @@ and the new session is told, wherever it is.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import time
-from collections.abc import Callable
 
 import pytest
 import redis
 from conftest import DeviceFactory
+from support.waiting import eventually
 from support.wer import word_error_rate
 
 from services.cluster import LocalCluster
@@ -25,14 +23,6 @@ from services.simulator.speech import synthesize, trim_silence
 pytestmark = pytest.mark.e2e
 
 SENTENCE = "turn off the lights in the hallway"
-
-
-async def eventually(check: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.05)
 
 
 async def test_a_result_that_comes_after_the_device_reconnected_reaches_its_new_session(
