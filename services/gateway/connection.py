@@ -25,6 +25,7 @@ from services.gateway.errors import (
     ConnectionRejected,
 )
 from services.gateway.framing import PayloadType, decode_frame, parse_protocol_version
+from services.gateway.http_guards import BINARY_SINK, BinarySink
 from services.gateway.limits import (
     ConnectionCounts,
     InputGuard,
@@ -291,6 +292,65 @@ class IdleWatch:
         await self._close(idle.code, idle.reason)
 
 
+class Inbound:
+    """What a device sends after its hello, checked and handed to its session.
+
+    Audio frames are handled whole without awaiting, so the server's protocol
+    may hand them over as it parses them (``BINARY_SINK``) while the receive
+    loop waits; the loop takes text, JSON frames and the disconnect, and raises
+    what a handed-over frame raised (a limit, a bad frame), so every refusal
+    closes the connection the same way.
+    """
+
+    def __init__(
+        self,
+        session: DeviceSession,
+        decoder: OpusStreamDecoder,
+        version: int,
+        guard: InputGuard,
+    ) -> None:
+        self._session = session
+        self._decoder = decoder
+        self._version = version
+        self._guard = guard
+        # The receive loop waits for the next message: frames may be taken now.
+        self.parked = False
+        self.failure: Exception | None = None
+
+    def take(self, data: bytes) -> bool:
+        """The sink: handle an audio frame now, or leave it (and anything else) to the loop."""
+        if not self.parked or self.failure is not None:
+            return False
+        try:
+            frame = decode_frame(self._version, data)
+            if frame.type is not PayloadType.OPUS:
+                return False
+            self._audio(frame.payload)
+        except Exception as exc:
+            # Queued, the frame wakes the loop, which raises this.
+            self.failure = exc
+            return False
+        return True
+
+    async def binary(self, data: bytes) -> None:
+        frame = decode_frame(self._version, data)
+        if frame.type is PayloadType.JSON:
+            await self.text(frame.payload)
+        else:
+            self._audio(frame.payload)
+
+    async def text(self, text: str | bytes) -> None:
+        self._guard.text(len(text))
+        await self._session.handle_message(parse_message(text))
+
+    def _audio(self, packet: bytes) -> None:
+        guard = self._guard
+        guard.frame()
+        pcm = self._decoder.decode(packet)
+        guard.audio(len(pcm) / (2 * SAMPLE_RATE))
+        self._session.handle_audio(pcm)
+
+
 async def _receive_loop(
     websocket: WebSocket,
     session: DeviceSession,
@@ -299,30 +359,35 @@ async def _receive_loop(
     guard: InputGuard,
     idle_timeout_s: float,
 ) -> None:
+    inbound = Inbound(session, decoder, version, guard)
+    # Only uvicorn with GuardedWebSocketProtocol offers it (not the test client).
+    register: Callable[[BinarySink | None], None] | None = websocket.scope.get(
+        "extensions", {}
+    ).get(BINARY_SINK)
+    if register is not None:
+        register(inbound.take)
     watch = IdleWatch(
         session.idle_for, idle_timeout_s, lambda code, reason: _close(websocket, code, reason)
     )
     try:
         while True:
+            inbound.parked = True
             raw = await websocket.receive()
+            inbound.parked = False
+            if inbound.failure is not None:
+                raise inbound.failure
             if raw["type"] == "websocket.disconnect":
                 return
             data = raw.get("bytes")
             if data is not None:
-                frame = decode_frame(version, data)
-                if frame.type is PayloadType.JSON:
-                    guard.text(len(frame.payload))
-                    await session.handle_message(parse_message(frame.payload))
-                else:
-                    guard.frame()
-                    pcm = decoder.decode(frame.payload)
-                    guard.audio(len(pcm) / (2 * SAMPLE_RATE))
-                    session.handle_audio(pcm)
+                await inbound.binary(data)
             elif (text := raw.get("text")) is not None:
-                guard.text(len(text))
-                await session.handle_message(parse_message(text))
+                await inbound.text(text)
     finally:
+        inbound.parked = False
         watch.cancel()
+        if register is not None:
+            register(None)
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:

@@ -10,8 +10,8 @@ Payload type 0 is Opus audio, 1 is a JSON text message.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from services.gateway.errors import BadFrame
 
@@ -26,11 +26,15 @@ class PayloadType(IntEnum):
     JSON = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+# A tuple, not a frozen dataclass: one is built per audio packet, and a frozen
+# dataclass's __init__ costs several times a tuple's.
+class Frame(NamedTuple):
     type: PayloadType
     payload: bytes
     timestamp_ms: int | None = None
+
+
+_PAYLOAD_TYPES = {kind.value: kind for kind in PayloadType}
 
 
 def parse_protocol_version(value: str | None) -> int:
@@ -49,9 +53,24 @@ def parse_protocol_version(value: str | None) -> int:
 def decode_frame(version: int, data: bytes) -> Frame:
     if version == 1:
         return Frame(PayloadType.OPUS, data)
+    header = _V2_HEADER if version == 2 else _V3_HEADER
+    if len(data) < header.size:
+        raise BadFrame(
+            f"binary frame of {len(data)} bytes is shorter than its {header.size}-byte header"
+        )
+    timestamp: int | None
     if version == 2:
-        return _decode(data, _V2_HEADER, lambda h: (h[1], h[4], h[3]))
-    return _decode(data, _V3_HEADER, lambda h: (h[0], h[2], None))
+        _, kind, _, timestamp, size = _V2_HEADER.unpack_from(data)
+    else:
+        kind, _, size = _V3_HEADER.unpack_from(data)
+        timestamp = None
+    payload = data[header.size :]
+    if size != len(payload):
+        raise BadFrame(f"frame header says {size} payload bytes but {len(payload)} follow")
+    payload_type = _PAYLOAD_TYPES.get(kind)
+    if payload_type is None:
+        raise BadFrame(f"unknown binary payload type {kind}")
+    return Frame(payload_type, payload, timestamp)
 
 
 def encode_frame(
@@ -67,19 +86,3 @@ def encode_frame(
     if len(payload) > 0xFFFF:
         raise ValueError("protocol v3 payloads are at most 65535 bytes")
     return _V3_HEADER.pack(kind, 0, len(payload)) + payload
-
-
-def _decode(data: bytes, header: struct.Struct, fields) -> Frame:  # type: ignore[no-untyped-def]
-    if len(data) < header.size:
-        raise BadFrame(
-            f"binary frame of {len(data)} bytes is shorter than its {header.size}-byte header"
-        )
-    kind, size, timestamp = fields(header.unpack_from(data))
-    payload = data[header.size :]
-    if size != len(payload):
-        raise BadFrame(f"frame header says {size} payload bytes but {len(payload)} follow")
-    try:
-        payload_type = PayloadType(kind)
-    except ValueError:
-        raise BadFrame(f"unknown binary payload type {kind}") from None
-    return Frame(payload_type, payload, timestamp)

@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
+from websockets.http11 import Request
 
 from services.common.logging_filter import RedactSecrets
 
@@ -29,6 +31,13 @@ log = logging.getLogger(__name__)
 # headers), so an upgrade handed on to it is never refused there.
 MAX_HEAD_BYTES = 8 * 1024
 MAX_HEADERS = 100
+
+# ASGI scope extension of ``GuardedWebSocketProtocol``: a function the
+# application calls with a ``BinarySink`` (or None to stop) to be handed the
+# connection's binary messages as they are parsed.
+BINARY_SINK = "speechfront.binary_sink"
+# Takes one binary message; False leaves it to the ASGI receive queue.
+BinarySink = Callable[[bytes], bool]
 
 
 def _plain_response(status: int, text: str) -> bytes:
@@ -174,7 +183,8 @@ def guarded_http_protocol(head_timeout_s: float) -> type[GuardedHttpProtocol]:
 
 
 class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websockets protocol, closing cleanly where it would not.
+    """uvicorn's websockets protocol, closing cleanly where it would not, and
+    handing binary messages straight to a sink the application may register.
 
     - When websockets refuses the handshake request itself (a header line over
       its limit, too many headers, a request it cannot parse), uvicorn neither
@@ -182,7 +192,24 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     - A text message that is not UTF-8 is closed with 1007 as it should be,
       but uvicorn logs a traceback for each one; here it is closed with a reason
       and nothing is logged (the client's mistake, not the server's).
+    - The device endpoint registers a sink through the ``BINARY_SINK`` scope
+      extension. Each binary message the sink takes skips the ASGI receive
+      queue: no event dict, no future, no wake-up of the application's task
+      through its whole middleware chain and no pause and resume of the
+      socket's reads, about a fifth of the gateway's CPU per 60 ms packet.
+      Messages are only offered while the queue is empty, so the application
+      sees every message in the order sent.
     """
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._sink: BinarySink | None = None
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -194,14 +221,32 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.write(b"".join(self.conn.data_to_send()))
             self.transport.close()
 
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        if self.response.status_code == 101:
+            # The application's task has not started yet: it finds this in its scope.
+            extensions = cast(dict[str, Any], self.scope["extensions"])
+            extensions[BINARY_SINK] = self._set_sink
+
+    def _set_sink(self, sink: BinarySink | None) -> None:
+        self._sink = sink
+
     def send_receive_event_to_app(self) -> None:
-        if self.curr_msg_data_type == "text" and not self.close_sent:
-            try:
-                b"".join(self.frames).decode()
-            except UnicodeDecodeError:
+        if self.curr_msg_data_type == "text":
+            if not self.close_sent:
+                try:
+                    b"".join(self.frames).decode()
+                except UnicodeDecodeError:
+                    self.frames = []
+                    self.conn.send_close(1007, "text message is not valid UTF-8")
+                    self.handle_parser_exception()
+                    return
+        elif self._sink is not None and not self.close_sent and self.queue.empty():
+            frames = self.frames
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            self.frames = [data]
+            if self._sink(data):
                 self.frames = []
-                self.conn.send_close(1007, "text message is not valid UTF-8")
-                self.handle_parser_exception()
                 return
         super().send_receive_event_to_app()
 
