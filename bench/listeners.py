@@ -11,6 +11,12 @@ invocation on the same machine, alternating:
 - ``current``: the defaults (libopus into a reused buffer, frames packed
   per 5 ms send tick).
 
+The receive path is not a setting, so both paths run the present one: audio
+taken from uvicorn's WebSocket protocol as it is parsed (``BINARY_SINK``)
+and one idle timer per connection. Before those, at 300 devices, ``current``
+measured 1.31 ms per device-second of gateway CPU and ``baseline`` 1.83; to
+compare with an older receive path, run this from a checkout of it.
+
 For each it prints CPU milliseconds per device-second of the gateway and
 per stream-second of the VAD (process CPU time over the audio sent, and for
 the VAD over the audio it stepped), resident memory per listening session
