@@ -88,8 +88,10 @@ async def test_stream_opened_during_a_step_does_not_inherit_the_closed_streams_s
 ) -> None:
     engine = inference.call(BatchedFsmnVadEngine, MODEL_DIR)
     gate = StepGate()
-    # The first thing a step does after picking up its streams and their slots.
+    # The first thing a step does after picking up its streams and their slots
+    # (streams in step take extract_even, the others extract).
     monkeypatch.setattr(engine._frontend, "extract", gate.wrap(engine._frontend.extract))
+    monkeypatch.setattr(engine._frontend, "extract_even", gate.wrap(engine._frontend.extract_even))
     table = StreamTable(
         engine,
         inference,

@@ -27,11 +27,17 @@ from services.common.audio import samples_to_ms
 from services.vad.engine import VadEvent
 from services.vad.fsmn_encoder import BatchedFsmnEncoder
 from services.vad.fsmn_endpoint import EndpointConfig, EndpointDetector
-from services.vad.fsmn_features import FeatureState, OnlineLfrFrontend
+from services.vad.fsmn_features import FeatureState, OnlineLfrFrontend, even_key
 
 _EMPTY = np.zeros(0, dtype=np.float32)
 # Stream slots allocated at least (and the first allocation).
 MIN_CAPACITY = 16
+
+
+def _sized(streams: int) -> int:
+    """Slots for ``streams`` and a quarter more, in whole multiples of MIN_CAPACITY."""
+    want = max(MIN_CAPACITY, streams + streams // 4)
+    return -(-want // MIN_CAPACITY) * MIN_CAPACITY
 
 
 @dataclass
@@ -52,10 +58,12 @@ class BatchedFsmnVadEngine:
     scatters into, and ``_shrink`` (from ``close``) moves every live stream
     to another slot.
 
-    Capacity follows the live streams both ways: it doubles when full and,
-    once no more than a quarter of it is live, halves or more (to twice the
-    live count). An encoder slot holds ~39 kB of FSMN memory, so a replica
-    that once held a thousand streams would otherwise keep ~40 MB for good.
+    Capacity follows the live streams both ways, sized by use: it grows by a
+    quarter when full and, once no more than half of it is live, shrinks to a
+    quarter over the live count. An encoder slot holds ~39 kB of FSMN memory:
+    doubling left 300 streams with 512 slots (67 kB per stream, a third of it
+    never used), and a replica that once held a thousand streams would
+    otherwise keep ~40 MB for good.
     """
 
     name = "fsmn"
@@ -96,7 +104,7 @@ class BatchedFsmnVadEngine:
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
             self._free.append(stream.slot)
-            if self._capacity > MIN_CAPACITY and len(self._streams) <= self._capacity // 4:
+            if self._capacity > MIN_CAPACITY and len(self._streams) <= self._capacity // 2:
                 self._shrink()
 
     @property
@@ -105,7 +113,7 @@ class BatchedFsmnVadEngine:
         return self._capacity
 
     def _grow(self) -> None:
-        old, new = self._capacity, max(MIN_CAPACITY, self._capacity * 2)
+        old, new = self._capacity, _sized(self._capacity + 1)
         self._encoder.ensure_capacity(new)
         self._detector.ensure_capacity(new)
         self._free.extend(range(new - 1, old - 1, -1))
@@ -114,11 +122,9 @@ class BatchedFsmnVadEngine:
     def _shrink(self) -> None:
         """Live streams to the lowest slots, in slot order (streams opened
         together stay consecutive, which the encoder's fast path needs), and
-        the arrays cut to twice the live count."""
+        the arrays cut to a quarter over the live count."""
         live = sorted(self._streams.values(), key=lambda s: s.slot)
-        new = MIN_CAPACITY
-        while new < 2 * len(live):
-            new *= 2
+        new = _sized(len(live))
         if new >= self._capacity:
             return
         slots = np.array([s.slot for s in live], dtype=np.int64)
@@ -136,32 +142,88 @@ class BatchedFsmnVadEngine:
         streams = [self._streams[sid] for sid in ids]
         samples = [np.asarray(chunks.get(sid, _EMPTY), dtype=np.float32).reshape(-1) for sid in ids]
         is_final = [sid in final for sid in ids]
-        for stream, chunk in zip(streams, samples, strict=True):
+        # Live ticks bring most streams one packet and some none or two: each
+        # set of streams that brings the same audio to the same held-over
+        # samples goes through features, encoder and detector as one even
+        # batch (whole-batch arrays, no padding, no per-stream splicing); only
+        # streams starting or ending take the general path.
+        even: dict[tuple[int, int], list[int]] = {}
+        general: list[int] = []
+        for i, (stream, chunk, fin) in enumerate(zip(streams, samples, is_final, strict=True)):
             stream.consumed += chunk.size
-        feats, counts = self._frontend.extract([s.features for s in streams], samples, is_final)
-
-        events: list[VadEvent] = []
-        stepped = np.flatnonzero(counts)
-        if stepped.size:
-            slots = np.array([streams[i].slot for i in stepped], dtype=np.int64)
-            batch_counts = counts[stepped]
-            p_sil = self._encoder.silence_posterior(slots, feats, batch_counts)
-            speech = self._detector.is_speech(p_sil)
-            final_rows = np.array([is_final[i] for i in stepped], dtype=bool)
-            for row, is_start, ms in self._detector.advance(
-                slots, speech, batch_counts, final_rows
-            ):
-                stream = streams[stepped[row]]
-                events.append(
-                    VadEvent(
-                        ids[stepped[row]],
-                        "start" if is_start else "end",
-                        samples_to_ms(stream.origin) + ms,
-                    )
-                )
+            key = even_key(stream.features, chunk, fin)
+            if key is None:
+                general.append(i)
+            else:
+                even.setdefault(key, []).append(i)
+        batches: list[tuple[list[int], np.ndarray, np.ndarray]] = []
+        for members in even.values():
+            feats, counts = self._frontend.extract_even(
+                [streams[i].features for i in members], [samples[i] for i in members]
+            )
+            batches.append(self._encode(streams, members, feats, counts))
+        if general:
+            feats, counts = self._frontend.extract(
+                [streams[i].features for i in general],
+                [samples[i] for i in general],
+                [is_final[i] for i in general],
+            )
+            batches.append(self._encode(streams, general, feats, counts))
+        events = self._detect(ids, streams, batches, is_final)
         for sid, stream, fin in zip(ids, streams, is_final, strict=True):
             if fin:
                 events.extend(self._finish(sid, stream))
+        return events
+
+    def _encode(
+        self, streams: list[_Stream], members: list[int], feats: np.ndarray, counts: np.ndarray
+    ) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """The encoder over ``members`` (indices into ``streams``), whose feature
+        rows are ``feats``, ``counts[j]`` of them for ``members[j]`` (none for a
+        member without a whole frame yet). Returns the members it stepped, their
+        frame counts and their silence posteriors (padded past each count)."""
+        stepped = np.flatnonzero(counts)
+        rows = [members[j] for j in stepped]
+        if not rows:
+            return rows, counts[:0], np.zeros((0, 0), dtype=np.float32)
+        slots = np.array([streams[i].slot for i in rows], dtype=np.int64)
+        batch_counts = counts[stepped]
+        return rows, batch_counts, self._encoder.silence_posterior(slots, feats, batch_counts)
+
+    def _detect(
+        self,
+        ids: list[str],
+        streams: list[_Stream],
+        batches: list[tuple[list[int], np.ndarray, np.ndarray]],
+        is_final: list[bool],
+    ) -> list[VadEvent]:
+        """One end-point pass over every encoded batch: its per-frame loop costs
+        the same for one stream as for all."""
+        rows = [i for batch in batches for i in batch[0]]
+        if not rows:
+            return []
+        counts = np.concatenate([batch[1] for batch in batches])
+        if len(batches) == 1:
+            p_sil = batches[0][2]
+        else:
+            p_sil = np.zeros((len(rows), int(counts.max())), dtype=np.float32)
+            at = 0
+            for batch_rows, _, part in batches:
+                p_sil[at : at + len(batch_rows), : part.shape[1]] = part
+                at += len(batch_rows)
+        slots = np.array([streams[i].slot for i in rows], dtype=np.int64)
+        speech = self._detector.is_speech(p_sil)
+        final_rows = np.array([is_final[i] for i in rows], dtype=bool)
+        events: list[VadEvent] = []
+        for row, is_start, ms in self._detector.advance(slots, speech, counts, final_rows):
+            i = rows[row]
+            events.append(
+                VadEvent(
+                    ids[i],
+                    "start" if is_start else "end",
+                    samples_to_ms(streams[i].origin) + ms,
+                )
+            )
         return events
 
     def _finish(self, stream_id: str, stream: _Stream) -> list[VadEvent]:

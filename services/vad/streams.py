@@ -6,13 +6,8 @@ detector. Each tick steps every stream with new audio (or a pending flush)
 on the inference thread, and the resulting events are routed back to the
 owning connection.
 
-A tick's memory is bounded by ``chunk_audio_s``, not by how many streams it
-steps: the engine is called once per group of streams whose new audio adds
-up to about that much, each group going end to end (features, encoder,
-detector) before the next, so a tick after a stall, when every stream
-brings up to ``max_step_s``, costs a few groups' working memory, not a
-thousand streams' at once. Pending audio waits as 16-bit samples and becomes
-float only inside its group, on the inference thread.
+What runs on the inference thread, and how a tick's memory stays bounded,
+is in ``services.vad.stepping``.
 
 A connection's request batch is acknowledged once every one of its streams
 has been stepped through the audio it had when the batch was read (with
@@ -36,9 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import numpy as np
 from prometheus_client import Counter, Gauge
@@ -49,11 +42,18 @@ from services.common.inference import InferenceThread
 from services.common.memory import HeapTrimmer
 from services.common.tasks import cancel_and_wait
 from services.protos import vad_pb2
-from services.vad.engine import VadEngine, VadEvent
+from services.vad.engine import VadEngine
+from services.vad.stepping import (
+    STUCK_FLOOR_S,
+    Change,
+    Close,
+    Open,
+    TimedInference,
+    Work,
+    apply_then_step,
+)
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 STREAMS = Gauge("speechfront_vad_streams", "Live VAD streams on this replica.")
 FRAMES = Counter("speechfront_vad_frames_total", "Audio frames received.")
@@ -65,113 +65,9 @@ TICK_LAG = Gauge(
     "speechfront_vad_tick_lag_seconds", "How late the last tick started against its schedule."
 )
 
-# A step is taken for a hung inference thread (the liveness check) once it
-# has run STUCK_FACTOR times what its audio usually costs, and at least
-# STUCK_FLOOR_S: the batched services' rule (services.common.batching), with
-# the usual cost scaled by the audio the step was handed, because a
-# catch-up tick after a stall (every stream bringing up to ``max_step_s``)
-# legitimately runs thousands of times longer than a 60 ms one. The floor
-# covers a replica that has not timed a step yet and pauses no step size
-# explains (a heap trim, a swap-in); a real 60 ms tick steps in milliseconds.
-STUCK_FACTOR = 20.0
-STUCK_FLOOR_S = 60.0
-# Weight of the newest step in the running mean of cost per audio second.
-_COST_SMOOTHING = 0.2
 
 # Events for one connection, and (as ints) the request batches acknowledged.
 Outbox = asyncio.Queue[vad_pb2.SpeechEvent | int]
-
-
-@dataclass(frozen=True)
-class _Open:
-    engine_id: str
-    silence_ms: int
-
-
-@dataclass(frozen=True)
-class _Close:
-    engine_id: str
-
-
-_Change = _Open | _Close
-
-
-@dataclass(frozen=True)
-class _Work:
-    """One stream's share of a tick: its new audio (16-bit) and whether it ends."""
-
-    engine_id: str
-    pieces: list[np.ndarray]
-    samples: int
-    final: bool
-
-
-# What a tick reports to the heap trimmer as freed: the working memory of an
-# FSMN-VAD step per sample of new audio (frames, spectra, LFR rows, encoder
-# activations; measured at ~1 MB per second of audio), and the state of a
-# closed stream (its ~39 kB of encoder memory, once the engine shrinks).
-_WORK_BYTES_PER_SAMPLE = 64
-_STREAM_BYTES = 40_000
-
-
-def _groups(work: list[_Work], chunk_samples: int) -> list[list[_Work]]:
-    """Consecutive runs of streams whose new audio adds up to ``chunk_samples`` at most
-    (a single stream over it goes alone)."""
-    groups: list[list[_Work]] = []
-    group: list[_Work] = []
-    total = 0
-    for item in work:
-        if group and total + item.samples > chunk_samples:
-            groups.append(group)
-            group, total = [], 0
-        group.append(item)
-        total += item.samples
-    if group:
-        groups.append(group)
-    return groups
-
-
-def _as_float(group: list[_Work]) -> dict[str, np.ndarray]:
-    """Each stream's new audio as float, converted for the whole group at once:
-    one join and one scaling instead of three numpy calls per stream."""
-    pieces = [piece for w in group for piece in w.pieces]
-    if not pieces:
-        return {}
-    joined = np.concatenate(pieces).astype(np.float32)
-    joined *= 1.0 / 32768.0
-    chunks: dict[str, np.ndarray] = {}
-    offset = 0
-    for w in group:
-        if w.pieces:
-            chunks[w.engine_id] = joined[offset : offset + w.samples]
-            offset += w.samples
-    return chunks
-
-
-def _apply_then_step(
-    engine: VadEngine,
-    changes: list[_Change],
-    work: list[_Work],
-    chunk_samples: int,
-    trimmer: HeapTrimmer,
-) -> list[VadEvent]:
-    """Runs on the inference thread: the opens and closes asked for since the
-    previous tick, in order, then every stream with work, one group of
-    streams per engine step (see the module docstring)."""
-    for change in changes:
-        if isinstance(change, _Open):
-            engine.open(change.engine_id, change.silence_ms)
-        else:
-            engine.close(change.engine_id)
-            trimmer.released(_STREAM_BYTES)
-    events: list[VadEvent] = []
-    for group in _groups(work, chunk_samples):
-        chunks = _as_float(group)
-        final = [w.engine_id for w in group if w.final]
-        events += engine.step(chunks, final)
-    trimmer.released(sum(w.samples for w in work) * _WORK_BYTES_PER_SAMPLE)
-    trimmer.maybe_trim()
-    return events
 
 
 @dataclass
@@ -208,7 +104,7 @@ class StreamTable:
         trimmer: HeapTrimmer | None = None,
     ) -> None:
         self._engine = engine
-        self._inference = inference
+        self._inference = TimedInference(inference)
         self._default_silence_ms = default_silence_ms
         self._tick_s = tick_ms / 1000
         self._max_streams = max_streams
@@ -219,7 +115,7 @@ class StreamTable:
         self._trimmer = trimmer or HeapTrimmer(min_interval_s=2.0, min_released_bytes=32 << 20)
         self._streams: dict[tuple[int, str], _Stream] = {}
         # Opens and closes not yet applied to the engine, in request order.
-        self._changes: list[_Change] = []
+        self._changes: list[Change] = []
         self._told: set[tuple[int, str]] = set()
         # Per connection: its outbox and the last request batch read, and the
         # last batch acknowledged (once a tick has completed after reading it).
@@ -228,11 +124,6 @@ class StreamTable:
         self._ticker: asyncio.Task[None] | None = None
         # Held from collecting a tick's work until its events are routed.
         self._ticking = asyncio.Lock()
-        # The inference call now running (when it began, the audio it was
-        # handed in seconds) and what a second of audio usually costs.
-        self._call_started: float | None = None
-        self._call_audio_s = 0.0
-        self._cost_per_audio_s: float | None = None
 
     @staticmethod
     def engine_id(key: tuple[int, str]) -> str:
@@ -250,7 +141,7 @@ class StreamTable:
         self._forget(key)
         silence_ms = request.silence_ms or self._default_silence_ms
         engine_id = self.engine_id(key)
-        self._changes.append(_Open(engine_id, silence_ms))
+        self._changes.append(Open(engine_id, silence_ms))
         origin_ms = samples_to_ms(request.start_sample)
         self._streams[key] = _Stream(key, outbox, origin_ms, engine_id)
         STREAMS.set(len(self._streams))
@@ -343,31 +234,9 @@ class StreamTable:
         self._acked.pop(conn, None)
         self._told = {k for k in self._told if k[0] != conn}
 
-    def call_running_for(self) -> float:
-        """Seconds the inference call now running has taken so far (0 between calls)."""
-        started = self._call_started
-        return 0.0 if started is None else time.monotonic() - started
-
     def stuck(self, floor_s: float = STUCK_FLOOR_S) -> bool:
-        """The inference thread has not come back from a tick's call for far longer
-        than that call's audio usually takes (see ``STUCK_FACTOR``)."""
-        usual = self._call_audio_s * (self._cost_per_audio_s or 0.0)
-        return self.call_running_for() > max(floor_s, STUCK_FACTOR * usual)
-
-    async def _on_inference(self, audio_s: float, fn: Callable[[], T]) -> T:
-        self._call_audio_s = audio_s
-        self._call_started = started = time.monotonic()
-        try:
-            result = await self._inference.run(fn)
-        finally:
-            self._call_started = None
-        if audio_s > 0:
-            cost = (time.monotonic() - started) / audio_s
-            mean = self._cost_per_audio_s
-            self._cost_per_audio_s = (
-                cost if mean is None else mean + _COST_SMOOTHING * (cost - mean)
-            )
-        return result
+        """A tick's call to the inference thread has hung (see ``TimedInference``)."""
+        return self._inference.stuck(floor_s)
 
     def start(self) -> None:
         self._ticker = asyncio.create_task(self._tick_forever(), name="vad-ticker")
@@ -411,7 +280,7 @@ class StreamTable:
     async def _step(self) -> set[int]:
         """Step every stream with work; returns the connections that have some
         of the audio they had before the step still pending (over ``max_step``)."""
-        work: list[_Work] = []
+        work: list[Work] = []
         behind: set[int] = set()
         stepped: dict[str, _Stream] = {}
         for stream in self._streams.values():
@@ -425,20 +294,20 @@ class StreamTable:
                 behind.add(stream.key[0])
             # A flush applies once everything before it has been stepped.
             final = stream.flush and not stream.pending
-            work.append(_Work(engine_id, pieces, taken, final))
+            work.append(Work(engine_id, pieces, taken, final))
             stepped[engine_id] = stream
         changes, self._changes = self._changes, []
         if not stepped and not changes:
             if self._trimmer.due():
                 # Quiet now (streams gone, say): give back what the last
                 # ticks freed, on the thread whose arena holds it.
-                await self._on_inference(0.0, self._trimmer.maybe_trim)
+                await self._inference.run(0.0, self._trimmer.maybe_trim)
             return behind
         started = time.monotonic()
         audio_s = sum(w.samples for w in work) / SAMPLE_RATE
-        events = await self._on_inference(
+        events = await self._inference.run(
             audio_s,
-            lambda: _apply_then_step(self._engine, changes, work, self._chunk, self._trimmer),
+            lambda: apply_then_step(self._engine, changes, work, self._chunk, self._trimmer),
         )
         if stepped:
             metrics.MODEL_SECONDS.labels("vad").observe(time.monotonic() - started)
@@ -540,5 +409,5 @@ class StreamTable:
         """Forget a stream now; the engine drops its state at the next tick,
         after anything already handed to the inference thread."""
         if self._streams.pop(key, None) is not None:
-            self._changes.append(_Close(self.engine_id(key)))
+            self._changes.append(Close(self.engine_id(key)))
         STREAMS.set(len(self._streams))
