@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -187,7 +188,11 @@ def server_config(app: FastAPI, settings: GatewaySettings) -> uvicorn.Config:
         ws_ping_interval=30,
         ws_ping_timeout=60,
         timeout_keep_alive=5,
-        timeout_graceful_shutdown=5,
+        # After the drain: utterances of the last hand-offs still being
+        # recognised finish (their results reach the devices' new sessions)
+        # rather than die with the process.
+        timeout_graceful_shutdown=math.ceil(max(settings.asr_timeout_s, settings.speaker_timeout_s))
+        + 5,
     )
 
 

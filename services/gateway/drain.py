@@ -65,7 +65,10 @@ async def hand_off(session: DeviceSession, turn: float, settle_at: float, deadli
         # Its last results go to the device's undelivered list, or are lost
         # with the VAD streams still open.
         log.warning(
-            "session %s handed off %s before its speech was done", session.session_id, moment
+            "session %s handed off %s before its speech was done (%s)",
+            session.session_id,
+            moment,
+            session.unfinished(),
         )
     await session.close_for_restart()
 

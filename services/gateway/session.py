@@ -210,6 +210,10 @@ class DeviceSession:
             await self._delivery.wait_idle(max(0.0, deadline - time.monotonic()))
         return not self._delivery.pending and not self.vad.busy
 
+    def unfinished(self) -> str:
+        """What it still waits for, for a log line."""
+        return f"{self._delivery.pending} utterances being recognised, VAD busy: {self.vad.busy}"
+
     def record_connected(
         self, client_id: str, protocol_version: int, hello: dict[str, Any]
     ) -> None:
