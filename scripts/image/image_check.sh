@@ -213,6 +213,11 @@ rendered=$CACHE/cpu-lite.yaml
 timeout 60 kubectl kustomize "$OVERLAY" >"$rendered"
 redis_password=$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
 backend_password=$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
+# The operator's gateway-secrets: the device token secret. The device gets a
+# token issued with it, as a provisioned device has.
+auth_secret=$(head -c 32 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
+device_id=02:00:00:00:00:01
+client_id=$(cat /proc/sys/kernel/random/uuid)
 
 start() { # workload image [extra helper args...]
     local workload=$1 image=$2 args
@@ -220,7 +225,8 @@ start() { # workload image [extra helper args...]
     mapfile -t args < <("$VENV_BIN/python" scripts/image/manifest_run_args.py \
         --workload "$workload" --image "$image" --pod-name "$PREFIX-$workload" \
         --secret "redis-auth/password=$redis_password" \
-        --secret "redis-backend-auth/password=$backend_password" "$@" <"$rendered")
+        --secret "redis-backend-auth/password=$backend_password" \
+        --secret "gateway-secrets/SF_GATEWAY_AUTH_SECRET=$auth_secret" "$@" <"$rendered")
     [ ${#args[@]} -gt 0 ] || die "$workload: no run arguments from the overlay"
     containers+=("$PREFIX-$workload")
     dk run -d --name "$PREFIX-$workload" --network "$NETWORK" \
@@ -260,8 +266,11 @@ wait_for gateway 60 python -c "$probe_http" http://127.0.0.1:8000/readyz
 gateway_ip=$(dk inspect -f "{{(index .NetworkSettings.Networks \"$NETWORK\").IPAddress}}" "$PREFIX-gateway")
 log "a simulated device speaks to ws://$gateway_ip:8000/xiaozhi/v1/"
 sim_out=$CACHE/simulate.log
+token=$("$VENV_BIN/speechfront" issue-token --secret "$auth_secret" \
+    --device-id "$device_id" --client-id "$client_id")
 timeout 150 "$VENV_BIN/speechfront" simulate --url "ws://$gateway_ip:8000/xiaozhi/v1/" \
-    --device-id image-check --text "turn on the kitchen lights" --timeout 120 \
+    --token "$token" --device-id "$device_id" --client-id "$client_id" \
+    --text "turn on the kitchen lights" --timeout 120 \
     >"$sim_out" 2>&1 || { cat "$sim_out"; die "the simulated device failed"; }
 cat "$sim_out"
 grep -q '"type": "stt"' "$sim_out" || die "no stt from the gateway"

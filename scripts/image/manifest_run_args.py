@@ -2,8 +2,8 @@
 
 Reads `kubectl kustomize` output on stdin and prints, one per line, the
 arguments that run the named workload's first container the way its pod
-spec does: command and args, env (configMaps via envFrom, literals,
-$(VAR) expansion, fieldRef and secretKeyRef values given here), user and
+spec does: command and args, env (configMaps and secrets via envFrom,
+literals, $(VAR) expansion, fieldRef; secret values given here), user and
 group, read-only root filesystem with an emptyDir mount as a tmpfs, dropped
 capabilities, no privilege escalation, the memory limit. The caller adds
 `docker run -d --name ... --network ...` before them.
@@ -67,8 +67,11 @@ def run_args(
         if "configMapRef" in source:
             env.update(config_maps[source["configMapRef"]["name"]])
         elif "secretRef" in source:
-            if not source["secretRef"].get("optional"):
-                raise SystemExit(f"{workload}: required secret {source['secretRef']['name']}")
+            prefix = source["secretRef"]["name"] + "/"
+            given = {k[len(prefix) :]: v for k, v in secrets.items() if k.startswith(prefix)}
+            if not given and not source["secretRef"].get("optional"):
+                raise SystemExit(f"{workload}: give --secret {prefix}KEY=VALUE")
+            env.update(given)
     for item in container.get("env", []):
         name = item["name"]
         if "value" in item:
