@@ -82,6 +82,27 @@ def _groups(work: list[Work], chunk_samples: int) -> list[list[Work]]:
     return groups
 
 
+def take(pending: list[np.ndarray], samples: int) -> list[np.ndarray]:
+    """The first ``samples`` of ``pending`` (which holds more), taken off it in order.
+
+    A stream that fell behind catches up over several ticks instead of in
+    one huge step. The pieces are handed over as they are (no copy on the
+    event loop); the group they are stepped in joins them.
+    """
+    taken = []
+    room = samples
+    while pending and room > 0:
+        piece = pending[0]
+        if piece.size <= room:
+            taken.append(pending.pop(0))
+            room -= piece.size
+        else:
+            taken.append(piece[:room])
+            pending[0] = piece[room:]
+            room = 0
+    return taken
+
+
 def _as_float(group: list[Work]) -> dict[str, np.ndarray]:
     """Each stream's new audio as float, converted for the whole group at once:
     one join and one scaling instead of three numpy calls per stream."""

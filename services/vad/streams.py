@@ -39,7 +39,7 @@ from prometheus_client import Counter, Gauge
 from services.common import metrics
 from services.common.audio import BYTES_PER_SAMPLE, SAMPLE_RATE, samples_to_ms
 from services.common.inference import InferenceThread
-from services.common.memory import HeapTrimmer
+from services.common.memory import HeapTrimmer, malloc_trim
 from services.common.tasks import cancel_and_wait
 from services.protos import vad_pb2
 from services.vad.engine import VadEngine
@@ -51,6 +51,7 @@ from services.vad.stepping import (
     TimedInference,
     Work,
     apply_then_step,
+    take,
 )
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ class StreamTable:
         self._ticker: asyncio.Task[None] | None = None
         # Held from collecting a tick's work until its events are routed.
         self._ticking = asyncio.Lock()
+        # The last stream left since the last quiet tick (see _step).
+        self._emptied = False
 
     @staticmethod
     def engine_id(key: tuple[int, str]) -> str:
@@ -298,9 +301,16 @@ class StreamTable:
             stepped[engine_id] = stream
         changes, self._changes = self._changes, []
         if not stepped and not changes:
-            if self._trimmer.due():
-                # Quiet now (streams gone, say): give back what the last
-                # ticks freed, on the thread whose arena holds it.
+            if self._emptied:
+                # The last stream has left and its close has been applied:
+                # everything the ticks held goes back now, whatever the
+                # trimmer's running estimate says (it is reset by the trims
+                # under load and may be short of its threshold here).
+                self._emptied = False
+                await self._inference.run(0.0, malloc_trim)
+            elif self._trimmer.due():
+                # Quiet now: give back what the last ticks freed, on the
+                # thread whose arena holds it.
                 await self._inference.run(0.0, self._trimmer.maybe_trim)
             return behind
         started = time.monotonic()
@@ -350,29 +360,12 @@ class StreamTable:
         return behind
 
     def _take(self, stream: _Stream) -> list[np.ndarray]:
-        """A stream's pending audio, at most ``max_step`` samples of it, in order.
-
-        A stream that fell behind catches up over several ticks instead of in
-        one huge step. The pieces are handed over as they are (no copy here,
-        on the event loop); the group they are stepped in joins them.
-        """
+        """A stream's pending audio, at most ``max_step`` samples of it (see ``take``)."""
         if stream.pending_samples <= self._max_step:
             taken, stream.pending, stream.pending_samples = stream.pending, [], 0
             return taken
-        taken = []
-        room = self._max_step
-        pending = stream.pending
-        while pending and room > 0:
-            piece = pending[0]
-            if piece.size <= room:
-                taken.append(pending.pop(0))
-                room -= piece.size
-            else:
-                taken.append(piece[:room])
-                pending[0] = piece[room:]
-                room = 0
-        stream.pending_samples -= self._max_step - room
-        return taken
+        stream.pending_samples -= self._max_step
+        return take(stream.pending, self._max_step)
 
     def _drop(self, stream: _Stream, reason: str, detail: str) -> None:
         self._fail(stream.outbox, stream.key[1], reason, detail)
@@ -410,4 +403,5 @@ class StreamTable:
         after anything already handed to the inference thread."""
         if self._streams.pop(key, None) is not None:
             self._changes.append(Close(self.engine_id(key)))
+            self._emptied = not self._streams
         STREAMS.set(len(self._streams))

@@ -1,0 +1,116 @@
+"""The VAD's memory follows the streams it serves, and goes back when they leave."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from services.common.inference import InferenceThread
+from services.protos import vad_pb2
+from services.vad import fsmn_encoder, streams
+from services.vad.fsmn_batched import BatchedFsmnVadEngine
+from services.vad.streams import Outbox, StreamTable
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "fsmn-vad"
+
+pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.pt").exists(), reason="no FSMN-VAD")
+
+
+@pytest.fixture(scope="module")
+def engine() -> BatchedFsmnVadEngine:
+    return BatchedFsmnVadEngine(MODEL_DIR)
+
+
+def test_stream_slots_follow_the_live_streams_both_ways(
+    engine: BatchedFsmnVadEngine,
+) -> None:
+    ids = [f"s{i}" for i in range(300)]
+    for stream_id in ids:
+        engine.open(stream_id, 500)
+    # Grown a quarter at a time, not doubled (512 slots for 300 streams).
+    assert 300 <= engine.capacity <= 300 * 5 // 4 + 16 * 5
+    for stream_id in ids[100:]:
+        engine.close(stream_id)
+    assert 100 <= engine.capacity <= 2 * 100
+    for stream_id in ids[:100]:
+        engine.close(stream_id)
+    assert engine.capacity == 16
+
+
+def test_the_memory_convolution_sees_a_few_batch_shapes_not_one_per_batch_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """oneDNN keeps a compiled kernel per input shape; live ticks bring every
+    batch size, and each would be kept for good."""
+    shapes: set[tuple[int, ...]] = set()
+    conv2d = fsmn_encoder.F.conv2d
+
+    def recording(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        shapes.add(tuple(x.shape))
+        return conv2d(x, *args, **kwargs)
+
+    monkeypatch.setattr(fsmn_encoder.F, "conv2d", recording)
+    encoder = BatchedFsmnVadEngine(MODEL_DIR)._encoder
+    encoder.ensure_capacity(256)
+    rng = np.random.default_rng(0)
+    for n in range(1, 257, 3):
+        counts = np.full(n, 6)
+        feats = rng.standard_normal((6 * n, encoder.input_dim)).astype(np.float32)
+        slots = np.arange(n)
+        for slot in slots:
+            encoder.reset(int(slot))
+        padded = encoder.silence_posterior(slots, feats, counts)
+        if n % 30 == 1:
+            # The padding never reaches a real stream's posteriors.
+            seen = set(shapes)
+            with monkeypatch.context() as exact:
+                exact.setattr(fsmn_encoder, "_CONV_ROWS", 1)
+                exact.setattr(fsmn_encoder, "_conv_frames", lambda frames: frames)
+                for slot in slots:
+                    encoder.reset(int(slot))
+                assert np.array_equal(encoder.silence_posterior(slots, feats, counts), padded)
+            shapes.intersection_update(seen)
+    assert len(shapes) <= 8, sorted(shapes)
+
+
+async def test_the_last_stream_leaving_gives_the_heap_back(
+    engine: BatchedFsmnVadEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trims: list[int] = []
+
+    def trim() -> bool:
+        trims.append(1)
+        return True
+
+    monkeypatch.setattr(streams, "malloc_trim", trim)
+    inference = InferenceThread("vad-memory-test")
+    try:
+        table = StreamTable(
+            engine,
+            inference,
+            default_silence_ms=500,
+            tick_ms=60,
+            max_streams=8,
+            max_backlog_s=10.0,
+        )
+        outbox: Outbox = asyncio.Queue()
+        for name in ("a", "b"):
+            table.open(1, outbox, vad_pb2.StreamOpen(stream_id=name))
+            table.feed(1, outbox, vad_pb2.AudioFrame(stream_id=name, seq=1, pcm=b"\0\0" * 960))
+        await table.tick()
+        table.close(1, vad_pb2.StreamClose(stream_id="a", flush=False))
+        await table.tick()
+        await table.tick()
+        assert trims == [], "one stream is still there"
+        table.close(1, vad_pb2.StreamClose(stream_id="b", flush=False))
+        await table.tick()  # applies the close
+        await table.tick()  # quiet: the heap goes back
+        await table.tick()
+        assert trims == [1]
+    finally:
+        inference.shutdown()
