@@ -170,10 +170,15 @@ build=(build --network host -f deploy/docker/Dockerfile -t "$IMAGE"
 [ "${IMAGE_CHECK_NO_CACHE:-0}" = 1 ] && build+=(--no-cache)
 
 log "building $IMAGE (log: $CACHE/build.log)"
+previous=$(dk image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 started=$(date +%s)
 DK_TIMEOUT=3600 dk "${build[@]}" --progress=plain . >"$CACHE/build.log" 2>&1 \
     || { tail -40 "$CACHE/build.log"; die "image build failed (log: $CACHE/build.log)"; }
 build_s=$(($(date +%s) - started))
+# The image this build replaced (untagged now) would keep its 2 GB.
+if [ -n "$previous" ] && [ "$previous" != "$(dk image inspect -f '{{.Id}}' "$IMAGE")" ]; then
+    dk rmi "$previous" >/dev/null 2>&1 || true
+fi
 size=$(dk image inspect -f '{{.Size}}' "$IMAGE")
 cached=$(grep -c '^#[0-9]* CACHED' "$CACHE/build.log" || true)
 
