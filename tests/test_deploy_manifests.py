@@ -1064,9 +1064,9 @@ def test_only_the_gateway_holds_a_token_and_it_may_only_patch_pods(overlay: str)
 
 
 @overlays
-def test_batched_services_liveness_asks_whether_the_model_call_has_hung(overlay: str) -> None:
+def test_model_services_liveness_asks_whether_the_model_call_has_hung(overlay: str) -> None:
     objects = render(overlay)
-    for service in ("asr", "speaker"):
+    for service in ("vad", "asr", "speaker"):
         probe = _service_container(objects, service)["livenessProbe"]["grpc"]
         assert probe["service"] == LIVENESS, service
 
