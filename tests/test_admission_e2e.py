@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import websockets
+from support.processes import stop_process
 from support.wer import word_error_rate
 from websockets.exceptions import InvalidStatus
 
@@ -70,12 +71,7 @@ def capped_gateway(
             time.sleep(0.1)
         yield f"ws://127.0.0.1:{port}/xiaozhi/v1/"
     finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        stop_process(process, 20)
 
 
 @pytest.fixture

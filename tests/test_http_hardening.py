@@ -30,6 +30,7 @@ import uvicorn
 import websockets
 from conftest import ADMIN_TOKEN, DEVICE_TOKEN
 from starlette.testclient import TestClient
+from support.processes import stop_process
 from support.wer import word_error_rate
 
 from services.cluster import LocalCluster, Replica
@@ -101,12 +102,7 @@ def gateway(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> 
             time.sleep(0.1)
         yield Gateway(port, log_path)
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        stop_process(process, 30)
 
 
 @contextlib.asynccontextmanager

@@ -11,6 +11,7 @@ from starlette.websockets import WebSocketDisconnect
 from test_connection_caps import HELLO, gateway, headers
 
 from services.gateway.connection import IdleWatch
+from services.gateway.errors import ConnectionRejected
 
 
 class Activity:
@@ -21,8 +22,8 @@ class Activity:
     def idle_for(self) -> float:
         return time.monotonic() - self.last
 
-    async def close(self, code: int, reason: str) -> None:
-        self.closes.append((time.monotonic(), code, reason))
+    async def close(self, idle: ConnectionRejected) -> None:
+        self.closes.append((time.monotonic(), idle.code, idle.reason))
 
 
 async def test_activity_postpones_the_close_to_a_timeout_after_the_last_of_it() -> None:

@@ -55,6 +55,7 @@ from support.deploy import (
     rule_groups,
     rule_queries,
 )
+from support.processes import stop_process
 
 from services.cluster import LocalCluster
 from services.common.audio import write_wav
@@ -217,12 +218,7 @@ def capped_gateway(cluster: LocalCluster) -> Iterator[str]:
         )
         yield f"127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        stop_process(process, 30)
         log.close()
 
 
@@ -291,12 +287,7 @@ def prometheus(
         _wait_until(all_targets_up, "Prometheus to scrape the services and the stand-in")
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        stop_process(process, 10)
         log.close()
 
 

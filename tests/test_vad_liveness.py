@@ -14,6 +14,7 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.processes import stop_process
 
 from services.common.grpc_service import LIVENESS
 from services.probes import free_port, probe_grpc
@@ -87,12 +88,7 @@ def hanging_vad(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[str]]]:
         wait_for(lambda: probe_grpc(port), 120, "the VAD never became healthy", process)
         yield port, process
     finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 20)
         log.close()
 
 

@@ -207,9 +207,7 @@ async def _serve_admitted(ctx: GatewayContext, websocket: WebSocket) -> None:
             websocket, session, decoder, handshake.protocol_version, guard, settings.idle_timeout_s
         )
     except ConnectionRejected as exc:
-        metrics.CLOSES.labels(exc.label if session else f"handshake_{exc.label}").inc()
-        log.info("closing connection: %s", exc.reason)
-        await _close(websocket, exc.code, exc.reason)
+        await _reject(websocket, exc, exc.label if session else f"handshake_{exc.label}")
     except WebSocketDisconnect:
         pass
     except Exception:
@@ -257,11 +255,11 @@ class IdleWatch:
         self,
         idle_for: Callable[[], float],
         timeout_s: float,
-        close: Callable[[int, str], Awaitable[None]],
+        reject: Callable[[ConnectionRejected], Awaitable[None]],
     ) -> None:
         self._idle_for = idle_for
         self._timeout_s = timeout_s
-        self._close = close
+        self._reject = reject
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None
@@ -287,9 +285,7 @@ class IdleWatch:
         # The receive loop ends on the disconnect the close brings, as for a
         # connection replaced by a newer one.
         idle = ConnectionRejected(GOING_AWAY, f"idle for {self._timeout_s:.0f} s")
-        metrics.CLOSES.labels(idle.label).inc()
-        log.info("closing connection: %s", idle.reason)
-        await self._close(idle.code, idle.reason)
+        await self._reject(idle)
 
 
 class Inbound:
@@ -366,9 +362,7 @@ async def _receive_loop(
     ).get(BINARY_SINK)
     if register is not None:
         register(inbound.take)
-    watch = IdleWatch(
-        session.idle_for, idle_timeout_s, lambda code, reason: _close(websocket, code, reason)
-    )
+    watch = IdleWatch(session.idle_for, idle_timeout_s, lambda idle: _reject(websocket, idle))
     try:
         while True:
             inbound.parked = True
@@ -388,6 +382,13 @@ async def _receive_loop(
         watch.cancel()
         if register is not None:
             register(None)
+
+
+async def _reject(websocket: WebSocket, exc: ConnectionRejected, label: str = "") -> None:
+    """Close with the refusal's code and reason, counted under ``label``."""
+    metrics.CLOSES.labels(label or exc.label).inc()
+    log.info("closing connection: %s", exc.reason)
+    await _close(websocket, exc.code, exc.reason)
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:
