@@ -369,7 +369,7 @@ class LocalCluster:
             process = subprocess.Popen(
                 argv,
                 env=env,
-                stdin=None if stdin is None else subprocess.PIPE,
+                stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=Path(__file__).resolve().parents[1],

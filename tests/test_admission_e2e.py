@@ -59,6 +59,7 @@ def capped_gateway(
         process = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "gateway"],
             env=env,
+            stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parents[1],
@@ -113,7 +114,7 @@ async def release(held: list[websockets.ClientConnection]) -> None:
 def assert_heard(results: list[SttResult]) -> None:
     [result] = results
     assert word_error_rate([SENTENCE], [result.text]) <= 0.2, result.text
-    assert result.latency_s is not None and result.latency_s < 3.0, result.latency_s
+    assert result.latency_s is not None and result.latency_s < 5.0, result.latency_s
 
 
 async def test_upgrades_held_without_hello_stop_at_the_session_limit(

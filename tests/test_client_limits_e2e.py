@@ -44,7 +44,7 @@ async def with_bystander(
     flooding.cancel()
     [result] = await heard
     assert word_error_rate([BYSTANDER_SENTENCE], [result.text]) <= 0.2, result.text
-    assert result.latency_s is not None and result.latency_s < 3.0, result.latency_s
+    assert result.latency_s is not None and result.latency_s < 5.0, result.latency_s
     return flooder, closed
 
 

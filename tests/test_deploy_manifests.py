@@ -974,6 +974,7 @@ def manifest_redis(tmp_path: Path) -> Iterator[tuple[int, str, str]]:
     port = free_port()
     process = subprocess.Popen(
         [server, *args, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
@@ -1006,7 +1007,7 @@ def test_the_dialogue_backend_user_runs_the_example_backend_and_nothing_more(
     with (tmp_path / "backend.log").open("wb") as log:
         echo = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "echo-backend"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         )  # fmt: skip
     try:
         # The gateway appends a transcript (as it does); the backend, under its

@@ -31,6 +31,7 @@ import websockets
 from conftest import ADMIN_TOKEN, DEVICE_TOKEN
 from starlette.testclient import TestClient
 from support.processes import stop_process
+from support.waiting import eventually
 from support.wer import word_error_rate
 
 from services.cluster import LocalCluster, Replica
@@ -90,6 +91,7 @@ def gateway(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> 
         process = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "gateway"],
             env=env,
+            stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=REPO,
@@ -174,7 +176,7 @@ async def test_upload_with_a_wrong_token_is_refused_before_its_body_is_read(
     reply, seconds = await _raw_exchange(gateway.port, request, timeout=5)
     assert reply.startswith(b"HTTP/1.1 401 "), reply[:200]
     assert b"invalid admin token" in reply
-    assert seconds < 1.0
+    assert seconds < 3.0  # a server reading the 50 MB body would wait out the 5 s
 
 
 @pytest.mark.e2e
@@ -184,7 +186,7 @@ async def test_upload_over_the_size_limit_is_refused_before_its_body_is_read(
     request = _upload_head(ADMIN_TOKEN, 50_000_000) + b"x" * 1024
     reply, seconds = await _raw_exchange(gateway.port, request, timeout=5)
     assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
-    assert seconds < 1.0
+    assert seconds < 3.0  # a server reading the 50 MB body would wait out the 5 s
 
 
 def _wav_header_claiming(rate: int, samples: int) -> bytes:
@@ -246,7 +248,9 @@ async def test_wav_claiming_96_mhz_is_refused_without_stalling_the_gateway(
     assert reply.status_code == 400, reply.text
     assert "sample rate 96000000 Hz" in reply.json()["detail"]
     assert len(prober.latencies) >= 5
-    assert max(prober.latencies) < 0.1, sorted(prober.latencies)[-5:]
+    # The resampling this guards against held the event loop for over a second; a
+    # health check on a 2-core machine shared with the upload is allowed a hiccup.
+    assert max(prober.latencies) < 0.5, sorted(prober.latencies)[-5:]
 
 
 def test_wav_sample_rates_are_capped() -> None:
@@ -327,7 +331,7 @@ async def test_oversize_upgrade_request_is_answered_and_closed(
         reply, seconds = await _raw_exchange(gateway.port, UPGRADE_HEAD + extra + b"\r\n", 5)
     assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
     assert reason in reply
-    assert seconds < 1.0
+    assert seconds < 3.0
 
 
 async def _trickle(writer: asyncio.StreamWriter) -> None:
@@ -361,7 +365,7 @@ async def test_half_sent_request_is_closed_after_the_handshake_timeout(
                 trickling.cancel()
             writer.close()
     assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
-    assert HANDSHAKE_TIMEOUT_S - 0.1 <= seconds < HANDSHAKE_TIMEOUT_S + 1.0, seconds
+    assert HANDSHAKE_TIMEOUT_S - 0.1 <= seconds < HANDSHAKE_TIMEOUT_S + 2.0, seconds
 
 
 def test_websocket_layer_answers_and_closes_a_request_it_refuses() -> None:
@@ -425,7 +429,9 @@ async def test_tokens_in_query_strings_are_redacted_from_the_logs(gateway: Gatew
     )
     async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
         await client.get(f"/healthz?access_token={secrets[2]}&x=1")
-    await asyncio.sleep(0.5)
+    await eventually(
+        lambda: "access_token=" in gateway.log_since(offset), 10, "the health check was not logged"
+    )
     log = gateway.log_since(offset)
     assert device_id in log  # the requests were logged
     for secret in secrets:

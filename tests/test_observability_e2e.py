@@ -209,7 +209,11 @@ def capped_gateway(cluster: LocalCluster) -> Iterator[str]:
     }
     log = (cluster.run_dir / "capped-gateway.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "gateway"], env=env, stdout=log, stderr=log
+        [sys.executable, "-m", "services.cli", "gateway"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
     )
     try:
         _wait_until(
@@ -270,6 +274,7 @@ def prometheus(
             f"--storage.tsdb.path={workdir / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
         ],
+        stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
     )

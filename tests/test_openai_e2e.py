@@ -138,7 +138,7 @@ async def test_a_long_recording_is_cut_into_its_sentences_faster_than_real_time(
     segments = reply.json()["segments"]
     assert len(segments) == len(SENTENCES), [s["text"] for s in segments]
     assert word_error_rate(SENTENCES, [s["text"] for s in segments]) <= 0.2
-    assert took < samples.size / SAMPLE_RATE / 2, took
+    assert took < 0.8 * samples.size / SAMPLE_RATE, took  # real-time pace would be 1.0
 
 
 async def test_models_lists_what_model_may_name(api: httpx.AsyncClient) -> None:

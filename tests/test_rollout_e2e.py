@@ -32,6 +32,7 @@ from support.wer import word_error_rate
 from services.cluster import LocalCluster
 from services.common.audio import float_to_pcm16
 from services.common.grpc_service import LIVENESS
+from services.probes import probe_grpc
 from services.protos import asr_pb2, asr_pb2_grpc
 from services.simulator.admin import enrol_speaker
 from services.simulator.device import DeviceConfig, SimulatedDevice
@@ -197,13 +198,27 @@ async def test_a_stopping_asr_replica_answers_the_calls_it_took_and_refuses_new_
             return exc.code()
         return grpc.StatusCode.OK
 
+    url = metrics_url(rollout, name)
+    service = '{service="asr"}'
+
+    def arrived() -> float:
+        """Calls the replica has taken: put through the model, or waiting for it."""
+        return metric(url, "speechfront_batch_size_sum", service) + metric(
+            url, "speechfront_queue_depth", service
+        )
+
     try:
         await channel.channel_ready()
+        before = arrived()
         taken = [asyncio.create_task(recognize()) for _ in range(24)]
-        await asyncio.sleep(0.3)  # on the server, most of them waiting in the queue
+        # On the server, most of them waiting in the queue when the SIGTERM comes.
+        await until(lambda: arrived() - before >= len(taken), 10, "calls did not arrive")
         process = rollout.processes[name].process
         process.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.5)
+        await until(
+            lambda: not probe_grpc(rollout.replica(name).port), 10, "still serving after SIGTERM"
+        )
+        await asyncio.sleep(0.2)  # the server stops taking calls just after health says so
         late = await asyncio.gather(*(recognize() for _ in range(4)))
         answered = await asyncio.gather(*taken)
         await asyncio.to_thread(process.wait, 60)

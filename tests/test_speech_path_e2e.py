@@ -8,6 +8,7 @@ import urllib.request
 import pytest
 import redis
 from conftest import DeviceFactory
+from support.waiting import eventually
 from support.wer import word_error_rate
 
 from services.cluster import LocalCluster
@@ -102,7 +103,14 @@ async def test_session_record_in_redis_holds_device_and_last_result(
     device = make_device(speed=2.0)
     await device.connect()
     [result] = await device.speak_auto([synthesize("turn off the fan")])
-    record = redis_client.hgetall(f"sf:session:{device.session_id}")
+    key = f"sf:session:{device.session_id}"
+    # The result is sent to the device first and recorded just after.
+    await eventually(
+        lambda: redis_client.hget(key, "last_utterance_id") == result.message["utterance_id"],
+        5,
+        "the result was not recorded",
+    )
+    record = redis_client.hgetall(key)
     assert record["device_id"] == device.config.device_id
     assert record["client_id"] == device.config.client_id
     assert record["last_utterance_id"] == result.message["utterance_id"]

@@ -82,7 +82,11 @@ async def gateway(vad_pair: LocalCluster) -> AsyncIterator[GatewayContext]:
     )
     store = SessionStore(settings.redis_url, settings.session_ttl_s, 16)
     hub = SessionHub(store)
-    router = VadRouter(settings.vad_target, hub.on_vad_event, hub.on_vad_lost)
+    # Under a thousand sessions' replay a 2-core machine can leave audio unacknowledged
+    # for a while; only the kill should count as a loss here.
+    router = VadRouter(
+        settings.vad_target, hub.on_vad_event, hub.on_vad_lost, progress_timeout_s=60
+    )
     compute = ComputeClients(settings.asr_target, settings.speaker_target)
     ctx = GatewayContext(
         settings, store, compute, router, hub, Recognizer(settings, compute, store)
@@ -132,6 +136,14 @@ async def feed(ctx: GatewayContext, sessions: list[DeviceSession], audio: list[b
         await until(lambda: all(c.has_room(4_000) for c in ctx.vad.clients.values()), 30, "backlog")
 
 
+async def close_all(ctx: GatewayContext, sessions: list[DeviceSession]) -> None:
+    for session in sessions:
+        ctx.hub.remove(session)
+        await session.close()
+
+
+# The budget is the test's own: the module's cluster starts and stops outside it.
+@pytest.mark.timeout(600, func_only=True)
 async def test_a_thousand_sessions_move_off_a_killed_vad_replica_and_every_utterance_is_heard(
     vad_pair: LocalCluster, gateway: GatewayContext
 ) -> None:
@@ -147,64 +159,65 @@ async def test_a_thousand_sessions_move_off_a_killed_vad_replica_and_every_utter
     for session in sessions:
         ctx.hub.add(session)
         await session.handle_message({"type": "listen", "state": "start", "mode": "auto"})
-    assert all(s.vad.replica is first for s in sessions)
-    await asyncio.to_thread(vad_pair.respawn, "vad-1")
-    await until(second.connected.is_set, 30, "second VAD replica connected")
+    try:
+        assert all(s.vad.replica is first for s in sessions)
+        await asyncio.to_thread(vad_pair.respawn, "vad-1")
+        await until(second.connected.is_set, 30, "second VAD replica connected")
 
-    # The first 800 listen in silence; the last 200 are half-way through a sentence.
-    spoken = [i % len(SENTENCES) for i in range(SPEAKING)]
-    heads, tails = [], []
-    for i in range(SESSIONS):
-        if i < SESSIONS - SPEAKING:
-            heads.append(silence(1.0))
-            tails.append(silence(1.5))
-        else:
-            clip = clips[spoken[i - (SESSIONS - SPEAKING)]]
-            cut = int(clip.size * 0.6)
-            heads.append(np.concatenate([silence(0.4), clip[:cut]]))
-            tails.append(np.concatenate([clip[cut:], silence(1.5)]))
-    speakers = sessions[SESSIONS - SPEAKING :]
-    await feed(ctx, sessions, [float_to_pcm16(a) for a in heads])
-    await until(lambda: all(s.vad.in_speech for s in speakers), 60, "speech starts reported")
-
-    replays = metrics.VAD_REPLAYS._value.get()
-    outcomes_before = utterance_outcomes()
-    vad_pair.kill("vad")
-    repinned_in = await until(
-        lambda: ctx.vad.waiting == 0 and all(s.vad.replica is second for s in sessions),
-        60,
-        "every session re-pinned",
-    )
-    assert metrics.VAD_REPLAYS._value.get() - replays == SESSIONS
-    print(f"\n{SESSIONS} sessions re-pinned {repinned_in:.2f} s after the kill")
-
-    await feed(ctx, sessions, [float_to_pcm16(a) for a in tails])
-    stt = lambda d: [m for m in d.messages if m["type"] == "stt"]  # noqa: E731
-    await until(
-        lambda: recognised(utterance_outcomes()) - recognised(outcomes_before) >= SPEAKING,
-        240,
-        "every in-progress utterance recognised",
-    )
-    for _ in range(25):  # anything late would arrive within half a second
-        await asyncio.sleep(0.02)
-    outcomes = {k: v - outcomes_before.get(k, 0) for k, v in utterance_outcomes().items()}
-    # Each speaking session's utterance was cut once and recognised; none failed.
-    assert outcomes.get("ok", 0) + outcomes.get("empty", 0) == SPEAKING, outcomes
-    right, wrong = 0, []
-    for device, sentence in zip(devices[-SPEAKING:], spoken, strict=True):
-        results = stt(device)
-        assert len(results) <= 1, results
-        if results:
-            errors = [word_error_rate([s], [results[0]["text"]]) for s in SENTENCES]
-            if SENTENCES[errors.index(min(errors))] == SENTENCES[sentence]:
-                right += 1
+        # The first 800 listen in silence; the last 200 are half-way through a sentence.
+        spoken = [i % len(SENTENCES) for i in range(SPEAKING)]
+        heads, tails = [], []
+        for i in range(SESSIONS):
+            if i < SESSIONS - SPEAKING:
+                heads.append(silence(1.0))
+                tails.append(silence(1.5))
             else:
-                wrong.append((SENTENCES[sentence], results[0]["text"], results[0]["timing"]))
-    print(f"{SPEAKING} utterances in flight at the kill: {outcomes}; right sentence: {right}")
-    print("\n".join(map(str, wrong[:12])))
-    assert right >= 0.85 * SPEAKING
-    assert not [m for d in devices[:-SPEAKING] for m in d.messages], "a silent session got text"
-    assert all(c._task is not None and not c._task.done() for c in ctx.vad.clients.values())
-    for session in sessions:
-        ctx.hub.remove(session)
-        await session.close()
+                clip = clips[spoken[i - (SESSIONS - SPEAKING)]]
+                cut = int(clip.size * 0.6)
+                heads.append(np.concatenate([silence(0.4), clip[:cut]]))
+                tails.append(np.concatenate([clip[cut:], silence(1.5)]))
+        speakers = sessions[SESSIONS - SPEAKING :]
+        await feed(ctx, sessions, [float_to_pcm16(a) for a in heads])
+        await until(lambda: all(s.vad.in_speech for s in speakers), 60, "speech starts reported")
+
+        replays = metrics.VAD_REPLAYS._value.get()
+        outcomes_before = utterance_outcomes()
+        vad_pair.kill("vad")
+        repinned_in = await until(
+            lambda: ctx.vad.waiting == 0 and all(s.vad.replica is second for s in sessions),
+            60,
+            "every session re-pinned",
+        )
+        assert metrics.VAD_REPLAYS._value.get() - replays == SESSIONS
+        print(f"\n{SESSIONS} sessions re-pinned {repinned_in:.2f} s after the kill")
+
+        await feed(ctx, sessions, [float_to_pcm16(a) for a in tails])
+        stt = lambda d: [m for m in d.messages if m["type"] == "stt"]  # noqa: E731
+        await until(
+            lambda: recognised(utterance_outcomes()) - recognised(outcomes_before) >= SPEAKING,
+            240,
+            "every in-progress utterance recognised",
+        )
+        for _ in range(25):  # anything late would arrive within half a second
+            await asyncio.sleep(0.02)
+        outcomes = {k: v - outcomes_before.get(k, 0) for k, v in utterance_outcomes().items()}
+        # Each speaking session's utterance was cut once and recognised; none failed.
+        assert outcomes.get("ok", 0) + outcomes.get("empty", 0) == SPEAKING, outcomes
+        right, wrong = 0, []
+        for device, sentence in zip(devices[-SPEAKING:], spoken, strict=True):
+            results = stt(device)
+            assert len(results) <= 1, results
+            if results:
+                errors = [word_error_rate([s], [results[0]["text"]]) for s in SENTENCES]
+                if SENTENCES[errors.index(min(errors))] == SENTENCES[sentence]:
+                    right += 1
+                else:
+                    wrong.append((SENTENCES[sentence], results[0]["text"], results[0]["timing"]))
+        print(f"{SPEAKING} utterances in flight at the kill: {outcomes}; right sentence: {right}")
+        print("\n".join(map(str, wrong[:12])))
+        assert right >= 0.85 * SPEAKING
+        assert not [m for d in devices[:-SPEAKING] for m in d.messages], "a silent session got text"
+        assert all(c._task is not None and not c._task.done() for c in ctx.vad.clients.values())
+    finally:
+        # Bounded: a failure above must not leave a thousand sessions on the loop.
+        await asyncio.wait_for(close_all(ctx, sessions), 60)
