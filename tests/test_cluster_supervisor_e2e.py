@@ -105,7 +105,7 @@ async def test_killed_replicas_come_back_on_their_ports_and_no_utterance_is_lost
     )
     front_talk = asyncio.gather(
         *(
-            talk_through_gateway_loss(cluster, device_id, said[len(direct) + i])
+            talk_through_gateway_loss(cluster, device_id, said[len(direct) + i], timeout=60)
             for i, device_id in enumerate(front_ids)
         )
     )
