@@ -149,8 +149,12 @@ async def test_new_asr_replica_takes_requests_within_seconds_of_starting(
     await asyncio.gather(*(d.connect() for d in talkers))
 
     def talk(group: list[SimulatedDevice], count: int) -> asyncio.Future[list[list[SttResult]]]:
-        return asyncio.gather(*(d.speak_auto([clip(i + k) for k in range(count)], gap_s=1.0,
-                                             timeout=60) for i, d in enumerate(group)))  # fmt: skip
+        return asyncio.gather(
+            *(
+                d.speak_auto([clip(i + k) for k in range(count)], gap_s=1.0, timeout=60)
+                for i, d in enumerate(group)
+            )
+        )
 
     # Sentences while the replica starts (seconds, loading its model), and more
     # once it is ready, however long the start took: it joins the rotation at
