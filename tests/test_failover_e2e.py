@@ -107,7 +107,12 @@ def enrol(cluster: LocalCluster, device_ids: list[str]) -> None:
 BUSIEST_VAD = "busiest vad"
 
 
-def busiest_vad(cluster: LocalCluster) -> str:
+def resolve_victim(cluster: LocalCluster, name: str) -> str:
+    """The process ``name`` stands for: itself, or for BUSIEST_VAD the VAD replica
+    holding the most streams now."""
+    if name != BUSIEST_VAD:
+        return name
+
     def streams(replica: Replica) -> float:
         url = f"http://127.0.0.1:{replica.metrics_port}/metrics"
         found = re.findall(
@@ -189,9 +194,9 @@ async def test_compute_and_vad_replica_losses_lose_no_utterance(replicated: Loca
     )
     retries = gateway_counter(replicated, "speechfront_gateway_compute_retries_total")
     replays = gateway_counter(replicated, "speechfront_gateway_vad_replays_total")
-    for victim in ("asr-1", "speaker-1", BUSIEST_VAD):
+    for name in ("asr-1", "speaker-1", BUSIEST_VAD):
         await asyncio.sleep(3.0)  # let utterances be in flight on every replica
-        replicated.kill(busiest_vad(replicated) if victim == BUSIEST_VAD else victim)
+        replicated.kill(resolve_victim(replicated, name))
     results = await talk
     # The premise: calls really were retried and sessions really moved.
     assert gateway_counter(replicated, "speechfront_gateway_compute_retries_total") > retries
@@ -261,7 +266,7 @@ async def talk_while_frozen(
         )
     )
     await asyncio.sleep(3.0)  # utterances in flight on every replica
-    victims = [busiest_vad(cluster) if v == BUSIEST_VAD else v for v in victims]
+    victims = [resolve_victim(cluster, name) for name in victims]
     frozen_at = time.monotonic()
     pids = [cluster.processes[v].process.pid for v in victims]
     for pid in pids:

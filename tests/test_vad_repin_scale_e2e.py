@@ -136,6 +136,31 @@ async def feed(ctx: GatewayContext, sessions: list[DeviceSession], audio: list[b
         await until(lambda: all(c.has_room(4_000) for c in ctx.vad.clients.values()), 30, "backlog")
 
 
+@pytest.fixture
+async def listening(
+    vad_pair: LocalCluster, gateway: GatewayContext
+) -> AsyncIterator[tuple[list[Device], list[DeviceSession]]]:
+    """A thousand sessions listening in auto mode on the first VAD replica; closed after
+    the test, passed or failed (bounded: a failure must not leave them on the shared
+    event loop)."""
+    first = gateway.vad.clients[f"127.0.0.1:{vad_pair.replicas['vad'][0].port}"]
+    await until(first.connected.is_set, 30, "first VAD replica connected")
+    devices = [Device() for _ in range(SESSIONS)]
+    sessions = [
+        DeviceSession(
+            gateway, d.link(), session_id=f"repin-{i}", device_id=f"dev-{i}", client_id=""
+        )
+        for i, d in enumerate(devices)
+    ]
+    try:
+        for session in sessions:
+            gateway.hub.add(session)
+            await session.handle_message({"type": "listen", "state": "start", "mode": "auto"})
+        yield devices, sessions
+    finally:
+        await asyncio.wait_for(close_all(gateway, sessions), 60)
+
+
 async def close_all(ctx: GatewayContext, sessions: list[DeviceSession]) -> None:
     for session in sessions:
         ctx.hub.remove(session)
@@ -145,79 +170,69 @@ async def close_all(ctx: GatewayContext, sessions: list[DeviceSession]) -> None:
 # The budget is the test's own: the module's cluster starts and stops outside it.
 @pytest.mark.timeout(600, func_only=True)
 async def test_a_thousand_sessions_move_off_a_killed_vad_replica_and_every_utterance_is_heard(
-    vad_pair: LocalCluster, gateway: GatewayContext
+    vad_pair: LocalCluster,
+    gateway: GatewayContext,
+    listening: tuple[list[Device], list[DeviceSession]],
 ) -> None:
     ctx = gateway
+    devices, sessions = listening
     first, second = (ctx.vad.clients[f"127.0.0.1:{r.port}"] for r in vad_pair.replicas["vad"])
-    await until(first.connected.is_set, 30, "first VAD replica connected")
     clips = [trim_silence(synthesize(s, VOICES[i % len(VOICES)])) for i, s in enumerate(SENTENCES)]
-    devices = [Device() for _ in range(SESSIONS)]
-    sessions = [
-        DeviceSession(ctx, d.link(), session_id=f"repin-{i}", device_id=f"dev-{i}", client_id="")
-        for i, d in enumerate(devices)
-    ]
-    for session in sessions:
-        ctx.hub.add(session)
-        await session.handle_message({"type": "listen", "state": "start", "mode": "auto"})
-    try:
-        assert all(s.vad.replica is first for s in sessions)
-        await asyncio.to_thread(vad_pair.respawn, "vad-1")
-        await until(second.connected.is_set, 30, "second VAD replica connected")
+    assert all(s.vad.replica is first for s in sessions)
+    await asyncio.to_thread(vad_pair.respawn, "vad-1")
+    await until(second.connected.is_set, 30, "second VAD replica connected")
 
-        # The first 800 listen in silence; the last 200 are half-way through a sentence.
-        spoken = [i % len(SENTENCES) for i in range(SPEAKING)]
-        heads, tails = [], []
-        for i in range(SESSIONS):
-            if i < SESSIONS - SPEAKING:
-                heads.append(silence(1.0))
-                tails.append(silence(1.5))
+    # The first 800 listen in silence; the last 200 are half-way through a sentence.
+    spoken = [i % len(SENTENCES) for i in range(SPEAKING)]
+    heads, tails = [], []
+    for i in range(SESSIONS):
+        if i < SESSIONS - SPEAKING:
+            heads.append(silence(1.0))
+            tails.append(silence(1.5))
+        else:
+            clip = clips[spoken[i - (SESSIONS - SPEAKING)]]
+            cut = int(clip.size * 0.6)
+            heads.append(np.concatenate([silence(0.4), clip[:cut]]))
+            tails.append(np.concatenate([clip[cut:], silence(1.5)]))
+    speakers = sessions[SESSIONS - SPEAKING :]
+    await feed(ctx, sessions, [float_to_pcm16(a) for a in heads])
+    await until(lambda: all(s.vad.in_speech for s in speakers), 60, "speech starts reported")
+
+    replays = metrics.VAD_REPLAYS._value.get()
+    outcomes_before = utterance_outcomes()
+    vad_pair.kill("vad")
+    repinned_in = await until(
+        lambda: ctx.vad.waiting == 0 and all(s.vad.replica is second for s in sessions),
+        60,
+        "every session re-pinned",
+    )
+    assert metrics.VAD_REPLAYS._value.get() - replays == SESSIONS
+    print(f"\n{SESSIONS} sessions re-pinned {repinned_in:.2f} s after the kill")
+
+    await feed(ctx, sessions, [float_to_pcm16(a) for a in tails])
+    stt = lambda d: [m for m in d.messages if m["type"] == "stt"]  # noqa: E731
+    await until(
+        lambda: recognised(utterance_outcomes()) - recognised(outcomes_before) >= SPEAKING,
+        240,
+        "every in-progress utterance recognised",
+    )
+    for _ in range(25):  # anything late would arrive within half a second
+        await asyncio.sleep(0.02)
+    outcomes = {k: v - outcomes_before.get(k, 0) for k, v in utterance_outcomes().items()}
+    # Each speaking session's utterance was cut once and recognised; none failed.
+    assert outcomes.get("ok", 0) + outcomes.get("empty", 0) == SPEAKING, outcomes
+    right, wrong = 0, []
+    for device, sentence in zip(devices[-SPEAKING:], spoken, strict=True):
+        results = stt(device)
+        assert len(results) <= 1, results
+        if results:
+            errors = [word_error_rate([s], [results[0]["text"]]) for s in SENTENCES]
+            if SENTENCES[errors.index(min(errors))] == SENTENCES[sentence]:
+                right += 1
             else:
-                clip = clips[spoken[i - (SESSIONS - SPEAKING)]]
-                cut = int(clip.size * 0.6)
-                heads.append(np.concatenate([silence(0.4), clip[:cut]]))
-                tails.append(np.concatenate([clip[cut:], silence(1.5)]))
-        speakers = sessions[SESSIONS - SPEAKING :]
-        await feed(ctx, sessions, [float_to_pcm16(a) for a in heads])
-        await until(lambda: all(s.vad.in_speech for s in speakers), 60, "speech starts reported")
-
-        replays = metrics.VAD_REPLAYS._value.get()
-        outcomes_before = utterance_outcomes()
-        vad_pair.kill("vad")
-        repinned_in = await until(
-            lambda: ctx.vad.waiting == 0 and all(s.vad.replica is second for s in sessions),
-            60,
-            "every session re-pinned",
-        )
-        assert metrics.VAD_REPLAYS._value.get() - replays == SESSIONS
-        print(f"\n{SESSIONS} sessions re-pinned {repinned_in:.2f} s after the kill")
-
-        await feed(ctx, sessions, [float_to_pcm16(a) for a in tails])
-        stt = lambda d: [m for m in d.messages if m["type"] == "stt"]  # noqa: E731
-        await until(
-            lambda: recognised(utterance_outcomes()) - recognised(outcomes_before) >= SPEAKING,
-            240,
-            "every in-progress utterance recognised",
-        )
-        for _ in range(25):  # anything late would arrive within half a second
-            await asyncio.sleep(0.02)
-        outcomes = {k: v - outcomes_before.get(k, 0) for k, v in utterance_outcomes().items()}
-        # Each speaking session's utterance was cut once and recognised; none failed.
-        assert outcomes.get("ok", 0) + outcomes.get("empty", 0) == SPEAKING, outcomes
-        right, wrong = 0, []
-        for device, sentence in zip(devices[-SPEAKING:], spoken, strict=True):
-            results = stt(device)
-            assert len(results) <= 1, results
-            if results:
-                errors = [word_error_rate([s], [results[0]["text"]]) for s in SENTENCES]
-                if SENTENCES[errors.index(min(errors))] == SENTENCES[sentence]:
-                    right += 1
-                else:
-                    wrong.append((SENTENCES[sentence], results[0]["text"], results[0]["timing"]))
-        print(f"{SPEAKING} utterances in flight at the kill: {outcomes}; right sentence: {right}")
-        print("\n".join(map(str, wrong[:12])))
-        assert right >= 0.85 * SPEAKING
-        assert not [m for d in devices[:-SPEAKING] for m in d.messages], "a silent session got text"
-        assert all(c._task is not None and not c._task.done() for c in ctx.vad.clients.values())
-    finally:
-        # Bounded: a failure above must not leave a thousand sessions on the loop.
-        await asyncio.wait_for(close_all(ctx, sessions), 60)
+                wrong.append((SENTENCES[sentence], results[0]["text"], results[0]["timing"]))
+    print(f"{SPEAKING} utterances in flight at the kill: {outcomes}; right sentence: {right}")
+    print("\n".join(map(str, wrong[:12])))
+    assert right >= 0.85 * SPEAKING
+    assert not [m for d in devices[:-SPEAKING] for m in d.messages], "a silent session got text"
+    assert all(c._task is not None and not c._task.done() for c in ctx.vad.clients.values())
