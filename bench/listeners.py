@@ -58,8 +58,16 @@ IDLE_S = 4.0
 # Devices send at their own moments within each 60 ms round, in this many slots.
 SLOTS = 12
 PATHS: dict[str, dict[str, str]] = {
-    "baseline": {"SF_GATEWAY_OPUS_BINDING": "opuslib", "SF_GATEWAY_VAD_WIRE": "frames"},
-    "current": {"SF_GATEWAY_OPUS_BINDING": "direct", "SF_GATEWAY_VAD_WIRE": "ticks"},
+    "baseline": {
+        "SF_GATEWAY_OPUS_BINDING": "opuslib",
+        "SF_GATEWAY_VAD_WIRE": "frames",
+        "SF_VAD_PRECISION": "fp32",
+    },
+    "current": {
+        "SF_GATEWAY_OPUS_BINDING": "direct",
+        "SF_GATEWAY_VAD_WIRE": "ticks",
+        "SF_VAD_PRECISION": "auto",
+    },
 }
 
 

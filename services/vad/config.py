@@ -23,6 +23,9 @@ class VadSettings(ServiceSettings):
     fsmn_model_dir: Path = DEFAULT_MODELS_DIR / "fsmn-vad"
     silero_model: Path = DEFAULT_MODELS_DIR / "silero-vad" / "silero_vad.onnx"
     device: str = "cpu"
+    # "auto": bfloat16 where the CPU multiplies it natively (AVX512-BF16 or
+    # AMX), float32 elsewhere and on GPUs. See fsmn_encoder.encoder_dtype.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     silence_ms: int = Field(
         500, ge=100, le=5000, description="Default end-of-speech silence (audio time)."
     )
@@ -35,8 +38,11 @@ class VadSettings(ServiceSettings):
     max_step_s: float = Field(
         10.0, gt=0, description="Audio per stream advanced in one tick (a backlog catches up)."
     )
+    # A step's working memory is ~0.7 MB per second of audio (features and
+    # activations), so 30 s is ~22 MB: a 60 ms tick of 500 streams in one
+    # engine call, whose fixed cost (~2 ms) is then shared by all of them.
     chunk_audio_s: float = Field(
-        8.0,
+        30.0,
         gt=0,
         description="Audio, summed over streams, per engine call; a tick makes as many calls "
         "as its streams need, so its working memory stays bounded however many catch up.",

@@ -25,7 +25,7 @@ import yaml
 
 from services.common.audio import samples_to_ms
 from services.vad.engine import VadEvent
-from services.vad.fsmn_encoder import BatchedFsmnEncoder
+from services.vad.fsmn_encoder import BatchedFsmnEncoder, Precision, encoder_dtype
 from services.vad.fsmn_endpoint import EndpointConfig, EndpointDetector
 from services.vad.fsmn_features import FeatureState, OnlineLfrFrontend, even_key
 
@@ -69,7 +69,11 @@ class BatchedFsmnVadEngine:
     name = "fsmn"
 
     def __init__(
-        self, model_dir: Path | str, device: str = "cpu", max_encoder_batch: int = 256
+        self,
+        model_dir: Path | str,
+        device: str = "cpu",
+        max_encoder_batch: int = 512,
+        precision: Precision = "auto",
     ) -> None:
         model_dir = Path(model_dir)
         config = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8"))
@@ -84,7 +88,11 @@ class BatchedFsmnVadEngine:
             raise ValueError(f"{model_dir}: unsupported FSMN-VAD frontend settings {mismatched}")
         self._frontend = OnlineLfrFrontend(model_dir / "am.mvn")
         self._encoder = BatchedFsmnEncoder(
-            model_dir / "model.pt", config["encoder_conf"], device, max_batch=max_encoder_batch
+            model_dir / "model.pt",
+            config["encoder_conf"],
+            device,
+            max_batch=max_encoder_batch,
+            dtype=encoder_dtype(precision, device),
         )
         self._detector = EndpointDetector(EndpointConfig.from_model_conf(config["model_conf"]))
         self._streams: dict[str, _Stream] = {}
@@ -144,9 +152,9 @@ class BatchedFsmnVadEngine:
         is_final = [sid in final for sid in ids]
         # Live ticks bring most streams one packet and some none or two: each
         # set of streams that brings the same audio to the same held-over
-        # samples goes through features, encoder and detector as one even
-        # batch (whole-batch arrays, no padding, no per-stream splicing); only
-        # streams starting or ending take the general path.
+        # samples goes through the features as one even batch (whole-batch
+        # arrays, no per-stream splicing); only streams starting or ending
+        # take the general path.
         even: dict[tuple[int, int], list[int]] = {}
         general: list[int] = []
         for i, (stream, chunk, fin) in enumerate(zip(streams, samples, is_final, strict=True)):
@@ -156,20 +164,32 @@ class BatchedFsmnVadEngine:
                 general.append(i)
             else:
                 even.setdefault(key, []).append(i)
-        batches: list[tuple[list[int], np.ndarray, np.ndarray]] = []
-        for members in even.values():
-            feats, counts = self._frontend.extract_even(
-                [streams[i].features for i in members], [samples[i] for i in members]
+        extracted = [
+            (
+                group,
+                self._frontend.extract_even(
+                    [streams[i].features for i in group], [samples[i] for i in group]
+                ),
             )
-            batches.append(self._encode(streams, members, feats, counts))
+            for group in even.values()
+        ]
         if general:
-            feats, counts = self._frontend.extract(
+            features = self._frontend.extract(
                 [streams[i].features for i in general],
                 [samples[i] for i in general],
                 [is_final[i] for i in general],
             )
-            batches.append(self._encode(streams, general, feats, counts))
-        events = self._detect(ids, streams, batches, is_final)
+            extracted.append((general, features))
+        # Then one encoder call for all of them: a few streams a packet ahead
+        # would otherwise pay a call's fixed cost of their own (measured: with
+        # one stream in a hundred off by a packet, 25 % more per stream).
+        rows, row_counts, p_sil = self._encode(
+            streams,
+            [i for group, _ in extracted for i in group],
+            np.concatenate([feats for _, (feats, _) in extracted]),
+            np.concatenate([counts for _, (_, counts) in extracted]),
+        )
+        events = self._detect(ids, streams, rows, row_counts, p_sil, is_final)
         for sid, stream, fin in zip(ids, streams, is_final, strict=True):
             if fin:
                 events.extend(self._finish(sid, stream))
@@ -194,23 +214,15 @@ class BatchedFsmnVadEngine:
         self,
         ids: list[str],
         streams: list[_Stream],
-        batches: list[tuple[list[int], np.ndarray, np.ndarray]],
+        rows: list[int],
+        counts: np.ndarray,
+        p_sil: np.ndarray,
         is_final: list[bool],
     ) -> list[VadEvent]:
-        """One end-point pass over every encoded batch: its per-frame loop costs
-        the same for one stream as for all."""
-        rows = [i for batch in batches for i in batch[0]]
+        """One end-point pass over the encoded streams (``rows``, indices into
+        ``streams``): its per-frame loop costs the same for one stream as for all."""
         if not rows:
             return []
-        counts = np.concatenate([batch[1] for batch in batches])
-        if len(batches) == 1:
-            p_sil = batches[0][2]
-        else:
-            p_sil = np.zeros((len(rows), int(counts.max())), dtype=np.float32)
-            at = 0
-            for batch_rows, _, part in batches:
-                p_sil[at : at + len(batch_rows), : part.shape[1]] = part
-                at += len(batch_rows)
         slots = np.array([streams[i].slot for i in rows], dtype=np.int64)
         speech = self._detector.is_speech(p_sil)
         final_rows = np.array([is_final[i] for i in rows], dtype=bool)

@@ -37,7 +37,9 @@ def build_engine(settings: VadSettings) -> VadEngine:
         return FsmnVadEngine(settings.fsmn_model_dir, device=settings.device)
     from services.vad.fsmn_batched import BatchedFsmnVadEngine
 
-    return BatchedFsmnVadEngine(settings.fsmn_model_dir, device=settings.device)
+    return BatchedFsmnVadEngine(
+        settings.fsmn_model_dir, device=settings.device, precision=settings.precision
+    )
 
 
 def warm_up(engine: VadEngine) -> None:

@@ -67,16 +67,21 @@ _STREAM_BYTES = 40_000
 
 def _groups(work: list[Work], chunk_samples: int) -> list[list[Work]]:
     """Consecutive runs of streams whose new audio adds up to ``chunk_samples`` at most
-    (a single stream over it goes alone)."""
+    (a single stream over it goes alone), as even as the streams allow: a
+    group of a few streams left over would pay a whole engine call's fixed
+    cost (measured: 2 ms a call, so 34 streams stepped alone cost twice as
+    much per stream as 300 together)."""
+    total = sum(item.samples for item in work)
+    share = -(-total // max(1, -(-total // chunk_samples)))
     groups: list[list[Work]] = []
     group: list[Work] = []
-    total = 0
+    size = 0
     for item in work:
-        if group and total + item.samples > chunk_samples:
+        if group and size + item.samples > share:
             groups.append(group)
-            group, total = [], 0
+            group, size = [], 0
         group.append(item)
-        total += item.samples
+        size += item.samples
     if group:
         groups.append(group)
     return groups

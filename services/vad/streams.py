@@ -101,7 +101,7 @@ class StreamTable:
         max_streams: int,
         max_backlog_s: float,
         max_step_s: float = 10.0,
-        chunk_audio_s: float = 8.0,
+        chunk_audio_s: float = 30.0,
         trimmer: HeapTrimmer | None = None,
     ) -> None:
         self._engine = engine
