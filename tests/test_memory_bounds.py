@@ -255,6 +255,34 @@ async def test_a_catch_up_tick_over_many_streams_reaches_the_engine_in_bounded_g
     assert acks == [7]
 
 
+async def test_a_live_tick_over_more_than_a_chunk_is_split_evenly(
+    inference: InferenceThread,
+) -> None:
+    """Groups as even as the streams allow: a remainder of a few streams would
+    pay a whole engine call's fixed cost for them."""
+    engine = SizeRecordingEngine()
+    table = StreamTable(
+        engine,
+        inference,
+        default_silence_ms=500,
+        tick_ms=60,
+        max_streams=1000,
+        max_backlog_s=10.0,
+        max_step_s=2.0,
+        chunk_audio_s=8.0,
+    )
+    outbox: Outbox = asyncio.Queue()
+    n = 300
+    for i in range(n):
+        table.open(1, outbox, vad_pb2.StreamOpen(stream_id=f"s{i}"))
+        table.feed(1, outbox, frame(f"s{i}", 1))
+    await table.tick()
+
+    # 18 s of audio over 8 s chunks: three calls of 100 streams, not 133, 133 and 34.
+    assert [len(sizes) for sizes in engine.steps] == [100, 100, 100]
+    assert [sid for sizes in engine.steps for sid in sizes] == [f"1/s{i}" for i in range(n)]
+
+
 # -- VAD: the FSMN engine gives slots back ------------------------------------
 
 

@@ -78,6 +78,54 @@ def test_the_memory_convolution_sees_a_few_batch_shapes_not_one_per_batch_size(
     assert len(shapes) <= 8, sorted(shapes)
 
 
+def test_the_products_see_a_few_row_counts_not_one_per_batch_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """oneDNN, which runs the bfloat16 products, also keeps a kernel per shape
+    (~0.6 MB each): every batch size the live ticks bring would be one."""
+    rows: set[int] = set()
+    functions = {name: getattr(fsmn_encoder.torch, name) for name in ("mm", "addmm")}
+    linear = fsmn_encoder.F.linear
+
+    def recording_linear(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        rows.add(x.shape[0])
+        return linear(x, *args, **kwargs)
+
+    def recording(name: str, position: int) -> Any:
+        def call(*args: Any, **kwargs: Any) -> torch.Tensor:
+            rows.add(args[position].shape[0])
+            return functions[name](*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(fsmn_encoder.F, "linear", recording_linear)
+    monkeypatch.setattr(fsmn_encoder.torch, "mm", recording("mm", 0))
+    monkeypatch.setattr(fsmn_encoder.torch, "addmm", recording("addmm", 1))
+    encoder = BatchedFsmnVadEngine(MODEL_DIR, precision="bf16")._encoder
+    encoder.ensure_capacity(256)
+    rng = np.random.default_rng(0)
+    for n in range(1, 257, 5):
+        # Uneven ticks: most streams 6 frames, some 12, in any order.
+        counts = rng.choice([6, 12], size=n, p=[0.9, 0.1])
+        feats = rng.standard_normal((int(counts.sum()), encoder.input_dim)).astype(np.float32)
+        slots = rng.permutation(256)[:n]
+        for slot in slots:
+            encoder.reset(int(slot))
+        blocked = encoder.silence_posterior(slots, feats, counts)
+        if n % 50 == 1:
+            # The blocks and their padding never change a real row's output.
+            with monkeypatch.context() as exact:
+                exact.setattr(fsmn_encoder, "_BLOCK_ROWS", 1 << 20)
+                exact.setattr(fsmn_encoder, "_MIN_BLOCK_ROWS", 1)
+                exact.setattr(fsmn_encoder, "_row_blocks", lambda total: [(0, total)])
+                seen = set(rows)
+                for slot in slots:
+                    encoder.reset(int(slot))
+                assert np.array_equal(encoder.silence_posterior(slots, feats, counts), blocked)
+                rows.intersection_update(seen)
+    assert rows <= {16, 32, 64, 128, 256, 512}, sorted(rows)
+
+
 async def test_the_last_stream_leaving_gives_the_heap_back(
     engine: BatchedFsmnVadEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,9 +3,9 @@
 Same network as funasr's ``FSMN`` encoder (affine 400->140->250, ReLU, four
 blocks of linear projection + causal depthwise memory of ``lorder`` frames +
 affine + ReLU, affine 250->140->248, softmax), with weights from the
-checkpoint. The memory blocks look only backwards, so streams with fewer new
-frames are right-padded: the padding never reaches a real frame's output, and
-each stream's next memory is cut from its own last real frames.
+checkpoint. Every product runs once over the real frames of all streams;
+the causal memory runs per run of streams bringing the same frame count
+(``_Run``), each stream's next memory cut from its own last frames.
 """
 
 from __future__ import annotations
@@ -159,6 +159,24 @@ class BatchedFsmnEncoder:
         # and layer-major, so one layer's memories of scattered slots are one
         # index_select / index_copy_ of whole blocks.
         self._cache = self._zeros(0)
+        self._compile_products()
+
+    def _compile_products(self) -> None:
+        """Every product at every block size once, now: oneDNN compiles a kernel
+        the first time it meets a shape, so the first live ticks would pay for
+        it and the replica's memory would grow after its warm-up baseline."""
+        weights: list[tuple[torch.Tensor, torch.Tensor | None]] = [*self._in, *self._out]
+        weights += [(w, None) for w, _, _, _ in self._blocks]
+        weights += [(w, b) for _, _, w, b in self._blocks]
+        size = _MIN_BLOCK_ROWS
+        with torch.inference_mode():
+            while size <= _BLOCK_ROWS:
+                for weight, bias in weights:
+                    rows = torch.zeros(
+                        size, weight.shape[1], device=self._device, dtype=self._dtype
+                    )
+                    _linear(rows, weight, bias)
+                size *= 2
 
     def ensure_capacity(self, capacity: int) -> None:
         if capacity > self.capacity:
