@@ -9,7 +9,7 @@ invocation on the same machine, alternating:
   opuslib (``SF_GATEWAY_OPUS_BINDING=opuslib``) and one AudioFrame message
   per frame to the VAD (``SF_GATEWAY_VAD_WIRE=frames``);
 - ``current``: the defaults (libopus into a reused buffer, frames packed
-  per 5 ms send tick).
+  per 20 ms send tick).
 
 The receive path is not a setting, so both paths run the present one: audio
 taken from uvicorn's WebSocket protocol as it is parsed (``BINARY_SINK``)
@@ -339,7 +339,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a setting for every service on the current path, e.g. SF_GATEWAY_VAD_SEND_TICK_MS=20",
+        help="a setting for every service on the current path, e.g. SF_GATEWAY_VAD_SEND_TICK_MS=5",
     )
     args = parser.parse_args()
     PATHS["current"].update(dict(item.split("=", 1) for item in args.env))

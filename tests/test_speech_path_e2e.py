@@ -33,7 +33,10 @@ async def test_auto_mode_sentence_is_recognised(make_device: DeviceFactory) -> N
 async def test_two_utterances_separated_by_silence_give_two_results_in_order(
     make_device: DeviceFactory,
 ) -> None:
-    first, second = "what time is it now", "remind me to call my sister"
+    # Phrases tiny.en hears the same through Opus wherever a cut falls within
+    # +-50 ms: "remind me to call my sister" came back with 1 to 3 words wrong
+    # as its start moved by 10 ms, so a VAD change of one frame failed this.
+    first, second = "what time is it now", "remind me to buy some milk"
     device = make_device()
     await device.connect()
     results = await device.speak_auto([synthesize(first), synthesize(second)], gap_s=1.5)

@@ -70,7 +70,7 @@ class VadStreamClient:
         connect_timeout_s: float = 5.0,
         progress_timeout_s: float = 10.0,
         wire: WireForm = "ticks",
-        send_tick_s: float = 0.005,
+        send_tick_s: float = 0.02,
     ) -> None:
         self.target = target
         self._wire: WireForm = wire

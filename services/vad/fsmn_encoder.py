@@ -39,10 +39,11 @@ Precision = Literal["auto", "fp32", "bf16"]
 def encoder_dtype(precision: Precision, device: str = "cpu") -> torch.dtype:
     """The encoder's weights, activations and memories in bfloat16 halve its cost
     on a CPU that multiplies bfloat16 natively (measured on AVX512-BF16: the
-    twelve products 1.08 -> 0.50 ms per stream-second), and cost several
-    times float32's where it is emulated. The products still sum in float32,
-    and the softmax runs in float32; boundaries move by at most a frame
-    (10 ms) against float32 (tests/test_vad_precision.py)."""
+    twelve products 1.08 -> 0.50 ms per stream-second). Without bfloat16
+    instructions oneDNN converts every operand to float32 and back, so
+    ``auto`` keeps float32 there. The products still sum in float32, and the
+    softmax runs in float32; boundaries move by at most a frame (10 ms)
+    against float32 (tests/test_vad_precision.py)."""
     if precision == "auto":
         native = torch.device(device).type == "cpu" and _cpu_has_native_bf16()
         return torch.bfloat16 if native else torch.float32
@@ -50,8 +51,7 @@ def encoder_dtype(precision: Precision, device: str = "cpu") -> torch.dtype:
 
 
 def _cpu_has_native_bf16() -> bool:
-    # torch.ops.mkldnn's bf16 check also says yes to AVX-512 without BF16,
-    # where oneDNN converts every operand to float32 and back.
+    # Not torch.ops.mkldnn's bf16 check: it also says yes to AVX-512 without BF16.
     capabilities = torch.cpu.get_capabilities()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
