@@ -60,7 +60,8 @@ class BatchedFsmnVadEngine:
 
     Capacity follows the live streams both ways, sized by use: it grows by a
     quarter when full and, once no more than half of it is live, shrinks to a
-    quarter over the live count. An encoder slot holds ~39 kB of FSMN memory:
+    quarter over the live count. An encoder slot holds ~39 kB of FSMN memory
+    in float32 (half that in bfloat16):
     doubling left 300 streams with 512 slots (67 kB per stream, a third of it
     never used), and a replica that once held a thousand streams would
     otherwise keep ~40 MB for good.

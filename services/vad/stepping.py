@@ -60,7 +60,8 @@ class Work:
 # What a tick reports to the heap trimmer as freed: the working memory of an
 # FSMN-VAD step per sample of new audio (frames, spectra, LFR rows, encoder
 # activations; measured at ~1 MB per second of audio), and the state of a
-# closed stream (its ~39 kB of encoder memory, once the engine shrinks).
+# closed stream (its ~39 kB of float32 encoder memory, half in bfloat16,
+# once the engine shrinks).
 _WORK_BYTES_PER_SAMPLE = 64
 _STREAM_BYTES = 40_000
 
