@@ -33,7 +33,7 @@ from services.gateway.vad_client import VadStreamClient
 from services.gateway.vad_router import VadRouter
 from services.probes import free_port
 from services.protos import vad_pb2
-from services.vad.engine import VadEvent
+from services.vad.engine import VadEngine, VadEvent
 from services.vad.streams import Outbox, StreamTable
 
 FRAME_SAMPLES = SAMPLE_RATE * 60 // 1000
@@ -215,11 +215,9 @@ def drain(outbox: Outbox) -> tuple[list[vad_pb2.SpeechEvent], list[int]]:
     return events, acks
 
 
-async def test_a_catch_up_tick_over_many_streams_reaches_the_engine_in_bounded_groups(
-    inference: InferenceThread,
-) -> None:
-    engine = SizeRecordingEngine()
-    table = StreamTable(
+def chunked_table(engine: VadEngine, inference: InferenceThread) -> StreamTable:
+    """Ticks step at most 2 s per stream, in engine calls of at most 8 s of audio."""
+    return StreamTable(
         engine,
         inference,
         default_silence_ms=500,
@@ -229,6 +227,13 @@ async def test_a_catch_up_tick_over_many_streams_reaches_the_engine_in_bounded_g
         max_step_s=2.0,
         chunk_audio_s=8.0,
     )
+
+
+async def test_a_catch_up_tick_over_many_streams_reaches_the_engine_in_bounded_groups(
+    inference: InferenceThread,
+) -> None:
+    engine = SizeRecordingEngine()
+    table = chunked_table(engine, inference)
     outbox: Outbox = asyncio.Queue()
     n = 300
     for i in range(n):
@@ -261,16 +266,7 @@ async def test_a_live_tick_over_more_than_a_chunk_is_split_evenly(
     """Groups as even as the streams allow: a remainder of a few streams would
     pay a whole engine call's fixed cost for them."""
     engine = SizeRecordingEngine()
-    table = StreamTable(
-        engine,
-        inference,
-        default_silence_ms=500,
-        tick_ms=60,
-        max_streams=1000,
-        max_backlog_s=10.0,
-        max_step_s=2.0,
-        chunk_audio_s=8.0,
-    )
+    table = chunked_table(engine, inference)
     outbox: Outbox = asyncio.Queue()
     n = 300
     for i in range(n):
