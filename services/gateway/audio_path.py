@@ -28,7 +28,7 @@ class AudioPathSettings(BaseSettings):
     vad_wire: Literal["ticks", "frames"] = "ticks"
     # 20 ms: a gateway writes at most 50 times a second to each replica
     # however many devices listen, and a write costs both ends more than its
-    # bytes do (at 300 listening devices, against 5 ms: 3-7 % less gateway
+    # bytes do (at 300 listening devices, against 5 ms: 2-4 % less gateway
     # CPU and 5-8 % less VAD CPU). A frame waits 10 ms on average before its
     # write (2.5 at 5 ms), against the VAD's own 60 ms tick.
     vad_send_tick_ms: float = Field(
