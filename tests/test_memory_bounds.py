@@ -33,7 +33,7 @@ from services.gateway.vad_client import VadStreamClient
 from services.gateway.vad_router import VadRouter
 from services.probes import free_port
 from services.protos import vad_pb2
-from services.vad.engine import VadEngine, VadEvent
+from services.vad.engine import VadEvent
 from services.vad.streams import Outbox, StreamTable
 
 FRAME_SAMPLES = SAMPLE_RATE * 60 // 1000
@@ -215,9 +215,13 @@ def drain(outbox: Outbox) -> tuple[list[vad_pb2.SpeechEvent], list[int]]:
     return events, acks
 
 
-def chunked_table(engine: VadEngine, inference: InferenceThread) -> StreamTable:
-    """Ticks step at most 2 s per stream, in engine calls of at most 8 s of audio."""
-    return StreamTable(
+def chunked_table(
+    inference: InferenceThread, streams: int, frames: int
+) -> tuple[SizeRecordingEngine, StreamTable, Outbox]:
+    """``streams`` streams, each fed ``frames`` frames, on a table whose ticks
+    step at most 2 s per stream, in engine calls of at most 8 s of audio."""
+    engine = SizeRecordingEngine()
+    table = StreamTable(
         engine,
         inference,
         default_silence_ms=500,
@@ -227,20 +231,20 @@ def chunked_table(engine: VadEngine, inference: InferenceThread) -> StreamTable:
         max_step_s=2.0,
         chunk_audio_s=8.0,
     )
+    outbox: Outbox = asyncio.Queue()
+    for i in range(streams):
+        table.open(1, outbox, vad_pb2.StreamOpen(stream_id=f"s{i}"))
+        for seq in range(1, frames + 1):
+            table.feed(1, outbox, frame(f"s{i}", seq))
+    return engine, table, outbox
 
 
 async def test_a_catch_up_tick_over_many_streams_reaches_the_engine_in_bounded_groups(
     inference: InferenceThread,
 ) -> None:
-    engine = SizeRecordingEngine()
-    table = chunked_table(engine, inference)
-    outbox: Outbox = asyncio.Queue()
     n = 300
-    for i in range(n):
-        table.open(1, outbox, vad_pb2.StreamOpen(stream_id=f"s{i}"))
-        # 2.4 s behind each: 2 s is stepped this tick, the rest next tick.
-        for seq in range(1, 41):
-            table.feed(1, outbox, frame(f"s{i}", seq))
+    # 2.4 s behind each: 2 s is stepped this tick, the rest next tick.
+    engine, table, outbox = chunked_table(inference, n, frames=40)
     table.note_batch(1, outbox, 7)
     await table.tick()
 
@@ -265,13 +269,8 @@ async def test_a_live_tick_over_more_than_a_chunk_is_split_evenly(
 ) -> None:
     """Groups as even as the streams allow: a remainder of a few streams would
     pay a whole engine call's fixed cost for them."""
-    engine = SizeRecordingEngine()
-    table = chunked_table(engine, inference)
-    outbox: Outbox = asyncio.Queue()
     n = 300
-    for i in range(n):
-        table.open(1, outbox, vad_pb2.StreamOpen(stream_id=f"s{i}"))
-        table.feed(1, outbox, frame(f"s{i}", 1))
+    engine, table, _ = chunked_table(inference, n, frames=1)
     await table.tick()
 
     # 18 s of audio over 8 s chunks: three calls of 100 streams, not 133, 133 and 34.

@@ -73,7 +73,8 @@ def _groups(work: list[Work], chunk_samples: int) -> list[list[Work]]:
     cost (measured: 2 ms a call, so 34 streams stepped alone cost twice as
     much per stream as 300 together)."""
     total = sum(item.samples for item in work)
-    share = -(-total // max(1, -(-total // chunk_samples)))
+    calls = max(1, -(-total // chunk_samples))
+    share = -(-total // calls)
     groups: list[list[Work]] = []
     group: list[Work] = []
     size = 0
