@@ -18,6 +18,9 @@ import uvicorn
 import websockets
 from prometheus_client import REGISTRY
 
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame, Opcode
+
 from services.common.audio import SAMPLE_RATE, float_to_pcm16
 from services.gateway.app import create_app, server_config
 from services.gateway.config import GatewaySettings
@@ -103,6 +106,34 @@ def packets(count: int) -> list[bytes]:
     return [encoder.encode(pcm[i : i + step], FRAME_SAMPLES) for i in range(0, len(pcm), step)]
 
 
+def write_together(device: SimulatedDevice, frames: list[Frame]) -> None:
+    """Put several WebSocket frames on the wire in one write (one read at the
+    server), as a device does when its network stalls and then flushes."""
+    connection = device._ws
+    assert connection is not None
+    for frame in frames:
+        connection.protocol.send_frame(frame)
+    connection.transport.write(b"".join(connection.protocol.data_to_send()))
+
+
+def audio_frame(packet: bytes) -> Frame:
+    return Frame(Opcode.BINARY, encode_frame(3, packet, PayloadType.OPUS))
+
+
+@pytest.fixture
+def parsed_by_websockets(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The binary messages that went through websockets' parser and uvicorn's dispatch."""
+    messages: list[bytes] = []
+    handle = WebSocketsSansIOProtocol.handle_bytes
+
+    def counting(self: WebSocketsSansIOProtocol, event: Frame) -> None:
+        messages.append(bytes(event.data))
+        handle(self, event)
+
+    monkeypatch.setattr(WebSocketsSansIOProtocol, "handle_bytes", counting)
+    return messages
+
+
 def frames_handled() -> float:
     return REGISTRY.get_sample_value("speechfront_gateway_frames_total") or 0.0
 
@@ -175,3 +206,82 @@ async def test_frames_over_the_rate_close_with_1008(
     code, reason = await device.wait_closed(10)
     assert code == 1008 and "frame rate" in reason
     assert len(taken) >= 100
+
+
+async def test_audio_frames_arriving_in_one_read_are_each_handled_once_without_websockets_parser(
+    device: SimulatedDevice, taken: list[bytes], parsed_by_websockets: list[bytes]
+) -> None:
+    before = frames_handled()
+    audio = packets(6)
+    write_together(device, [audio_frame(packet) for packet in audio])
+    await eventually(lambda: frames_handled() - before >= 6)
+    await asyncio.sleep(0.1)
+    assert frames_handled() - before == 6
+    assert taken == [encode_frame(3, packet, PayloadType.OPUS) for packet in audio]
+    assert parsed_by_websockets == []
+    assert not device.closed.is_set()
+
+
+async def test_a_frame_split_across_reads_is_handled_once(
+    device: SimulatedDevice, taken: list[bytes]
+) -> None:
+    connection = device._ws
+    assert connection is not None
+    audio = packets(3)
+    for packet in audio:
+        connection.protocol.send_frame(audio_frame(packet))
+    wire = b"".join(connection.protocol.data_to_send())
+    before = frames_handled()
+    cut = len(wire) // 2  # inside the second frame
+    connection.transport.write(wire[:cut])
+    await eventually(lambda: frames_handled() - before >= 1)
+    await asyncio.sleep(0.1)
+    connection.transport.write(wire[cut:])
+    await eventually(lambda: frames_handled() - before >= 3)
+    await asyncio.sleep(0.1)
+    assert frames_handled() - before == 3
+    assert [frame[4:] for frame in taken] == audio
+
+
+async def test_a_json_frame_in_the_same_read_as_audio_keeps_its_place(
+    device: SimulatedDevice, taken: list[bytes]
+) -> None:
+    audio = packets(3)
+    bogus = encode_frame(3, b'{"type": "listen", "state": "bogus"}', PayloadType.JSON)
+    write_together(
+        device,
+        [audio_frame(audio[0]), Frame(Opcode.BINARY, bogus), audio_frame(audio[1])],
+    )
+    code, reason = await device.wait_closed(10)
+    assert code == 1007 and "listen state" in reason
+    # The audio after the refused message was not handled ahead of it.
+    assert [frame[4:] for frame in taken] == audio[:1]
+
+
+async def test_a_ping_among_audio_frames_is_answered_and_the_audio_handled(
+    device: SimulatedDevice, taken: list[bytes]
+) -> None:
+    connection = device._ws
+    assert connection is not None
+    audio = packets(2)
+    before = frames_handled()
+    pong = asyncio.get_running_loop().create_future()
+    connection.pending_pings[b"fast"] = (pong, connection.loop.time())
+    write_together(
+        device, [audio_frame(audio[0]), Frame(Opcode.PING, b"fast"), audio_frame(audio[1])]
+    )
+    await asyncio.wait_for(pong, 5)
+    await eventually(lambda: frames_handled() - before >= 2)
+    assert [frame[4:] for frame in taken] == audio
+
+
+async def test_an_unmasked_client_frame_closes_with_a_protocol_error(
+    device: SimulatedDevice, taken: list[bytes]
+) -> None:
+    connection = device._ws
+    assert connection is not None
+    payload = encode_frame(3, packets(1)[0], PayloadType.OPUS)
+    connection.transport.write(bytes([0x82, len(payload)]) + payload)
+    code, _ = await device.wait_closed(10)
+    assert code == 1002
+    assert taken == []
