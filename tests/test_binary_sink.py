@@ -17,7 +17,6 @@ import pytest
 import uvicorn
 import websockets
 from prometheus_client import REGISTRY
-
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode
 
