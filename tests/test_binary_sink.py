@@ -18,6 +18,7 @@ import uvicorn
 import websockets
 from prometheus_client import REGISTRY
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.asyncio.client import ClientConnection
 from websockets.frames import Frame, Opcode
 
 from services.common.audio import SAMPLE_RATE, float_to_pcm16
@@ -105,14 +106,23 @@ def packets(count: int) -> list[bytes]:
     return [encoder.encode(pcm[i : i + step], FRAME_SAMPLES) for i in range(0, len(pcm), step)]
 
 
-def write_together(device: SimulatedDevice, frames: list[Frame]) -> None:
-    """Put several WebSocket frames on the wire in one write (one read at the
-    server), as a device does when its network stalls and then flushes."""
-    connection = device._ws
-    assert connection is not None
+def connection_of(device: SimulatedDevice) -> ClientConnection:
+    assert device._ws is not None
+    return device._ws
+
+
+def on_the_wire(device: SimulatedDevice, frames: list[Frame]) -> bytes:
+    """The bytes the device's WebSocket would send for ``frames``, masked."""
+    protocol = connection_of(device).protocol
     for frame in frames:
-        connection.protocol.send_frame(frame)
-    connection.transport.write(b"".join(connection.protocol.data_to_send()))
+        protocol.send_frame(frame)
+    return b"".join(protocol.data_to_send())
+
+
+def write_raw(device: SimulatedDevice, data: bytes) -> None:
+    """One write on the device's socket, so one read at the server: several
+    frames at once, as a device does when its network stalls and then flushes."""
+    connection_of(device).transport.write(data)
 
 
 def audio_frame(packet: bytes) -> Frame:
@@ -212,7 +222,7 @@ async def test_audio_frames_arriving_in_one_read_are_each_handled_once_without_w
 ) -> None:
     before = frames_handled()
     audio = packets(6)
-    write_together(device, [audio_frame(packet) for packet in audio])
+    write_raw(device, on_the_wire(device, [audio_frame(packet) for packet in audio]))
     await eventually(lambda: frames_handled() - before >= 6)
     await asyncio.sleep(0.1)
     assert frames_handled() - before == 6
@@ -224,18 +234,14 @@ async def test_audio_frames_arriving_in_one_read_are_each_handled_once_without_w
 async def test_a_frame_split_across_reads_is_handled_once(
     device: SimulatedDevice, taken: list[bytes]
 ) -> None:
-    connection = device._ws
-    assert connection is not None
     audio = packets(3)
-    for packet in audio:
-        connection.protocol.send_frame(audio_frame(packet))
-    wire = b"".join(connection.protocol.data_to_send())
+    wire = on_the_wire(device, [audio_frame(packet) for packet in audio])
     before = frames_handled()
     cut = len(wire) // 2  # inside the second frame
-    connection.transport.write(wire[:cut])
+    write_raw(device, wire[:cut])
     await eventually(lambda: frames_handled() - before >= 1)
     await asyncio.sleep(0.1)
-    connection.transport.write(wire[cut:])
+    write_raw(device, wire[cut:])
     await eventually(lambda: frames_handled() - before >= 3)
     await asyncio.sleep(0.1)
     assert frames_handled() - before == 3
@@ -247,10 +253,8 @@ async def test_a_json_frame_in_the_same_read_as_audio_keeps_its_place(
 ) -> None:
     audio = packets(3)
     bogus = encode_frame(3, b'{"type": "listen", "state": "bogus"}', PayloadType.JSON)
-    write_together(
-        device,
-        [audio_frame(audio[0]), Frame(Opcode.BINARY, bogus), audio_frame(audio[1])],
-    )
+    frames = [audio_frame(audio[0]), Frame(Opcode.BINARY, bogus), audio_frame(audio[1])]
+    write_raw(device, on_the_wire(device, frames))
     code, reason = await device.wait_closed(10)
     assert code == 1007 and "listen state" in reason
     # The audio after the refused message was not handled ahead of it.
@@ -260,15 +264,13 @@ async def test_a_json_frame_in_the_same_read_as_audio_keeps_its_place(
 async def test_a_ping_among_audio_frames_is_answered_and_the_audio_handled(
     device: SimulatedDevice, taken: list[bytes]
 ) -> None:
-    connection = device._ws
-    assert connection is not None
+    connection = connection_of(device)
     audio = packets(2)
     before = frames_handled()
     pong = asyncio.get_running_loop().create_future()
     connection.pending_pings[b"fast"] = (pong, connection.loop.time())
-    write_together(
-        device, [audio_frame(audio[0]), Frame(Opcode.PING, b"fast"), audio_frame(audio[1])]
-    )
+    frames = [audio_frame(audio[0]), Frame(Opcode.PING, b"fast"), audio_frame(audio[1])]
+    write_raw(device, on_the_wire(device, frames))
     await asyncio.wait_for(pong, 5)
     await eventually(lambda: frames_handled() - before >= 2)
     assert [frame[4:] for frame in taken] == audio
@@ -277,10 +279,8 @@ async def test_a_ping_among_audio_frames_is_answered_and_the_audio_handled(
 async def test_an_unmasked_client_frame_closes_with_a_protocol_error(
     device: SimulatedDevice, taken: list[bytes]
 ) -> None:
-    connection = device._ws
-    assert connection is not None
     payload = encode_frame(3, packets(1)[0], PayloadType.OPUS)
-    connection.transport.write(bytes([0x82, len(payload)]) + payload)
+    write_raw(device, bytes([0x82, len(payload)]) + payload)  # mask bit clear
     code, _ = await device.wait_closed(10)
     assert code == 1002
     assert taken == []
