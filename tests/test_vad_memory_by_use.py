@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from support.recordings import mandarin
 
 from services.common.inference import InferenceThread
 from services.protos import vad_pb2
@@ -17,6 +18,8 @@ from services.vad.fsmn_batched import BatchedFsmnVadEngine
 from services.vad.streams import Outbox, StreamTable
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "fsmn-vad"
+# The endpoint detector's per-slot arrays.
+DETECTOR_STATE = ("_win", "_ints", "_bools", "_end_thresh_ms", "_lookback")
 
 pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.pt").exists(), reason="no FSMN-VAD")
 
@@ -40,6 +43,46 @@ def test_stream_slots_follow_the_live_streams_both_ways(
     for stream_id in ids[:100]:
         engine.close(stream_id)
     assert engine.capacity == 16
+
+
+def test_live_streams_keep_the_lowest_slots_whatever_closes() -> None:
+    engine = BatchedFsmnVadEngine(MODEL_DIR)
+    ids = [f"s{i}" for i in range(60)]
+    for stream_id in ids:
+        engine.open(stream_id, 500)
+    rng = np.random.default_rng(7)
+    live = set(ids)
+    for stream_id in rng.permutation(ids)[:25]:
+        engine.close(str(stream_id))
+        live.discard(str(stream_id))
+        assert sorted(engine._streams[s].slot for s in live) == list(range(len(live)))
+    engine.open("new", 500)
+    assert engine._streams["new"].slot == len(live)
+
+
+def test_a_stream_moved_to_a_freed_slot_keeps_its_state() -> None:
+    """Closing a stream moves the one in the last slot, mid-speech here: its
+    FSMN memories and endpoint state arrive in the freed slot unchanged."""
+    engine = BatchedFsmnVadEngine(MODEL_DIR)
+    for stream_id in ("first", "moved"):
+        engine.open(stream_id, 500)
+    speech = np.concatenate([np.zeros(8000, np.float32), mandarin()])
+    chunk = 960
+    for at in range(0, 60 * chunk, chunk):
+        # Different audio, so the two slots hold different state.
+        engine.step({"first": speech[::-1][at : at + chunk], "moved": speech[at : at + chunk]}, [])
+    moved = engine._streams["moved"]
+    assert moved.slot == 1 and engine._detector.in_segment(1)
+    memories = engine._encoder._cache[:, 1].clone()
+    detector = [getattr(engine._detector, name)[1].copy() for name in DETECTOR_STATE]
+    assert not torch.equal(engine._encoder._cache[:, 0], memories)
+
+    engine.close("first")
+
+    assert moved.slot == 0 and engine._detector.in_segment(0)
+    assert torch.equal(engine._encoder._cache[:, 0], memories)
+    for name, before in zip(DETECTOR_STATE, detector, strict=True):
+        assert np.array_equal(getattr(engine._detector, name)[0], before), name
 
 
 def test_the_memory_convolution_sees_a_few_batch_shapes_not_one_per_batch_size(

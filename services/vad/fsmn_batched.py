@@ -53,10 +53,15 @@ class _Stream:
 class BatchedFsmnVadEngine:
     """Not thread-safe, by design: only the inference thread calls it (see ``VadEngine``).
 
-    ``open`` hands out the slot ``close`` freed last, ``_grow`` replaces
-    the encoder and detector arrays a running ``step`` gathers from and
-    scatters into, and ``_shrink`` (from ``close``) moves every live stream
-    to another slot.
+    Live streams always fill slots ``0..n-1``: ``open`` takes the next slot
+    and ``close`` moves the stream in the last slot into the one it frees
+    (one stream's state copied). The encoder reads and writes the memories
+    of a tick's streams as slices of consecutive slots, and a replica whose
+    streams come and go would otherwise leave holes that break them into
+    many small copies (measured: 300 streams among 80 holes cost 10 % more
+    per stream-second than 300 opened together). ``_resize`` replaces the
+    encoder and detector arrays a running ``step`` gathers from and scatters
+    into.
 
     Capacity follows the live streams both ways, sized by use: it grows by a
     quarter when full and, once no more than half of it is live, shrinks to a
@@ -97,52 +102,49 @@ class BatchedFsmnVadEngine:
         )
         self._detector = EndpointDetector(EndpointConfig.from_model_conf(config["model_conf"]))
         self._streams: dict[str, _Stream] = {}
-        self._free: list[int] = []
+        # The live streams by slot.
+        self._slots: list[_Stream] = []
         self._capacity = 0
 
     def open(self, stream_id: str, silence_ms: int) -> None:
         self.close(stream_id)
-        if not self._free:
-            self._grow()
-        slot = self._free.pop()
+        slot = len(self._slots)
+        if slot == self._capacity:
+            self._resize(_sized(self._capacity + 1))
         self._encoder.reset(slot)
         self._detector.reset(slot, silence_ms)
-        self._streams[stream_id] = _Stream(slot=slot, silence_ms=silence_ms)
+        stream = _Stream(slot=slot, silence_ms=silence_ms)
+        self._streams[stream_id] = stream
+        self._slots.append(stream)
 
     def close(self, stream_id: str) -> None:
         stream = self._streams.pop(stream_id, None)
-        if stream is not None:
-            self._free.append(stream.slot)
-            if self._capacity > MIN_CAPACITY and len(self._streams) <= self._capacity // 2:
-                self._shrink()
+        if stream is None:
+            return
+        last = self._slots.pop()
+        if last is not stream:
+            self._encoder.move(last.slot, stream.slot)
+            self._detector.move(last.slot, stream.slot)
+            last.slot = stream.slot
+            self._slots[stream.slot] = last
+        live = len(self._slots)
+        if self._capacity > MIN_CAPACITY and live <= self._capacity // 2:
+            self._resize(_sized(live))
 
     @property
     def capacity(self) -> int:
         """Stream slots allocated now."""
         return self._capacity
 
-    def _grow(self) -> None:
-        old, new = self._capacity, _sized(self._capacity + 1)
-        self._encoder.ensure_capacity(new)
-        self._detector.ensure_capacity(new)
-        self._free.extend(range(new - 1, old - 1, -1))
-        self._capacity = new
-
-    def _shrink(self) -> None:
-        """Live streams to the lowest slots, in slot order (streams opened
-        together stay consecutive, which the encoder's fast path needs), and
-        the arrays cut to a quarter over the live count."""
-        live = sorted(self._streams.values(), key=lambda s: s.slot)
-        new = _sized(len(live))
-        if new >= self._capacity:
-            return
-        slots = np.array([s.slot for s in live], dtype=np.int64)
-        self._encoder.compact(slots, new)
-        self._detector.compact(slots, new)
-        for slot, stream in enumerate(live):
-            stream.slot = slot
-        self._free = list(range(new - 1, len(live) - 1, -1))
-        self._capacity = new
+    def _resize(self, capacity: int) -> None:
+        if capacity > self._capacity:
+            self._encoder.ensure_capacity(capacity)
+            self._detector.ensure_capacity(capacity)
+        else:
+            live = np.arange(len(self._slots), dtype=np.int64)
+            self._encoder.compact(live, capacity)
+            self._detector.compact(live, capacity)
+        self._capacity = capacity
 
     def step(self, chunks: Mapping[str, np.ndarray], final: Collection[str]) -> list[VadEvent]:
         ids = [sid for sid in dict.fromkeys([*chunks, *final]) if sid in self._streams]

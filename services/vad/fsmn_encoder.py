@@ -192,6 +192,10 @@ class BatchedFsmnEncoder:
     def reset(self, slot: int) -> None:
         self._cache[:, slot] = 0.0
 
+    def move(self, source: int, target: int) -> None:
+        """Slot ``target`` takes ``source``'s memories."""
+        self._cache[:, target] = self._cache[:, source]
+
     @torch.inference_mode()
     def silence_posterior(
         self, slots: np.ndarray, feats: np.ndarray, counts: np.ndarray
@@ -272,8 +276,8 @@ class _Run:
         self._memory = encoder._memory
         self._proj = encoder._proj
         # Its memories: the slots' blocks in the cache, each a slice of
-        # consecutive slots (streams opened together hold consecutive slots,
-        # and a tick steps most of them), read and written in place; gathered
+        # consecutive slots (live streams fill the lowest slots, and a tick
+        # steps most of them), read and written in place; gathered
         # and scattered by index when there are many (measured: index_copy_
         # takes 6 times as long as a slice copy).
         self._cache = encoder._cache

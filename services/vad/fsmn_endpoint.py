@@ -119,6 +119,11 @@ class EndpointDetector:
         self._end_thresh_ms[slot] = thresh
         self._lookback[slot] = max(0, int(thresh / FRAME_MS) - self.config.lookahead_end_frames - 1)
 
+    def move(self, source: int, target: int) -> None:
+        """Slot ``target`` takes ``source``'s state."""
+        for array in (self._win, self._ints, self._bools, self._end_thresh_ms, self._lookback):
+            array[target] = array[source]
+
     def in_segment(self, slot: int) -> bool:
         return bool(self._bools[slot, 1])
 

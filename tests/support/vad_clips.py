@@ -60,8 +60,10 @@ def step_together(
     engine: BatchedFsmnVadEngine, clips: dict[str, np.ndarray], chunk: int
 ) -> dict[str, Events]:
     """Every clip advances in the same steps, ``chunk`` samples each, flushed on its last."""
-    # Placeholders opened in between and closed again leave the clips on
-    # non-consecutive slots, so the encoder's gather/scatter path runs.
+    # Placeholders opened in between and closed again move clips into their
+    # slots, so the clips are stepped in an order other than their slots'
+    # (the encoder reorders its rows); clips that end early leave the rest on
+    # non-consecutive slots (its gather/scatter path).
     for i, stream_id in enumerate(clips):
         engine.open(stream_id, SILENCE_MS)
         if i % 3 == 0:
