@@ -60,6 +60,28 @@ def test_live_streams_keep_the_lowest_slots_whatever_closes() -> None:
     assert engine._streams["new"].slot == len(live)
 
 
+def test_streams_coming_and_going_at_the_shrink_point_copy_nothing_wholesale(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Half the slots live, but a smaller size would round back up to this one."""
+    engine = BatchedFsmnVadEngine(MODEL_DIR)
+    compactions: list[int] = []
+    compact = engine._encoder.compact
+
+    def counting(slots: np.ndarray, capacity: int) -> None:
+        compactions.append(capacity)
+        compact(slots, capacity)
+
+    monkeypatch.setattr(engine._encoder, "compact", counting)
+    for i in range(17):
+        engine.open(f"s{i}", 500)
+    assert engine.capacity == 32
+    for i in range(10):
+        engine.close(f"s{i}")
+        engine.open(f"s{i}", 500)
+    assert compactions == [] and engine.capacity == 32
+
+
 def test_a_stream_moved_to_a_freed_slot_keeps_its_state() -> None:
     """Closing a stream moves the one in the last slot, mid-speech here: its
     FSMN memories and endpoint state arrive in the freed slot unchanged."""

@@ -58,7 +58,7 @@ class BatchedFsmnVadEngine:
     (one stream's state copied). The encoder reads and writes the memories
     of a tick's streams as slices of consecutive slots, and a replica whose
     streams come and go would otherwise leave holes that break them into
-    many small copies (measured: 300 streams among 80 holes cost 10 % more
+    many small copies (measured: 300 streams among 80 holes cost about 10 % more
     per stream-second than 300 opened together). ``_resize`` replaces the
     encoder and detector arrays a running ``step`` gathers from and scatters
     into.
@@ -128,8 +128,8 @@ class BatchedFsmnVadEngine:
             last.slot = stream.slot
             self._slots[stream.slot] = last
         live = len(self._slots)
-        if self._capacity > MIN_CAPACITY and live <= self._capacity // 2:
-            self._resize(_sized(live))
+        if live <= self._capacity // 2 and (smaller := _sized(live)) < self._capacity:
+            self._resize(smaller)
 
     @property
     def capacity(self) -> int:
