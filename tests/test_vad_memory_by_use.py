@@ -15,11 +15,10 @@ from services.common.inference import InferenceThread
 from services.protos import vad_pb2
 from services.vad import fsmn_encoder, streams
 from services.vad.fsmn_batched import BatchedFsmnVadEngine
+from services.vad.fsmn_endpoint import SLOT_STATE
 from services.vad.streams import Outbox, StreamTable
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "fsmn-vad"
-# The endpoint detector's per-slot arrays.
-DETECTOR_STATE = ("_win", "_ints", "_bools", "_end_thresh_ms", "_lookback")
 
 pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.pt").exists(), reason="no FSMN-VAD")
 
@@ -96,14 +95,14 @@ def test_a_stream_moved_to_a_freed_slot_keeps_its_state() -> None:
     moved = engine._streams["moved"]
     assert moved.slot == 1 and engine._detector.in_segment(1)
     memories = engine._encoder._cache[:, 1].clone()
-    detector = [getattr(engine._detector, name)[1].copy() for name in DETECTOR_STATE]
+    detector = [getattr(engine._detector, name)[1].copy() for name in SLOT_STATE]
     assert not torch.equal(engine._encoder._cache[:, 0], memories)
 
     engine.close("first")
 
     assert moved.slot == 0 and engine._detector.in_segment(0)
     assert torch.equal(engine._encoder._cache[:, 0], memories)
-    for name, before in zip(DETECTOR_STATE, detector, strict=True):
+    for name, before in zip(SLOT_STATE, detector, strict=True):
         assert np.array_equal(getattr(engine._detector, name)[0], before), name
 
 

@@ -221,10 +221,11 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self._sink: BinarySink | None = None
+        self._frame_limit: int | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._sink is not None:
-            data = self._offer_whole_frames(data)
+            data = self._offer_whole_frames(self._sink, data)
             if not data:
                 return
         super().data_received(data)
@@ -236,7 +237,7 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.write(b"".join(self.conn.data_to_send()))
             self.transport.close()
 
-    def _offer_whole_frames(self, data: bytes) -> bytes:
+    def _offer_whole_frames(self, sink: BinarySink, data: bytes) -> bytes:
         """Hand the sink the whole binary frames at the front of ``data``; what
         is left (from the first frame it does not take) goes to websockets.
 
@@ -260,11 +261,7 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
             or not self.queue.empty()
         ):
             return data
-        limit = conn.max_message_size
-        if conn.max_fragment_size is not None:
-            limit = conn.max_fragment_size if limit is None else min(limit, conn.max_fragment_size)
-        sink = self._sink
-        assert sink is not None
+        limit = self._frame_limit
         offset, end = 0, len(data)
         while end - offset >= 6:
             if data[offset] != _FIN_BINARY or not data[offset + 1] & _MASKED:
@@ -295,6 +292,9 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def _set_sink(self, sink: BinarySink | None) -> None:
         self._sink = sink
+        # The largest frame websockets would accept now, fixed for the connection.
+        message, fragment = self.conn.max_message_size, self.conn.max_fragment_size
+        self._frame_limit = min((n for n in (message, fragment) if n is not None), default=None)
 
     def send_receive_event_to_app(self) -> None:
         if self.curr_msg_data_type == "text":

@@ -67,6 +67,9 @@ class EndpointConfig:
         )
 
 
+# The detector's arrays with a row per slot: all of a stream's state.
+SLOT_STATE = ("_win", "_ints", "_bools", "_end_thresh_ms", "_lookback")
+
 # (row in the batch, is_start, offset in ms from the stream's origin)
 Boundary = tuple[int, bool, int]
 
@@ -86,28 +89,20 @@ class EndpointDetector:
         if capacity <= self._capacity:
             return
         grow = capacity - self._capacity
-        self._win = np.vstack([self._win, np.zeros((grow, self._win.shape[1]), np.int64)])
-        self._ints = np.vstack([self._ints, np.zeros((grow, len(_INT_FIELDS)), np.int64)])
-        self._bools = np.vstack([self._bools, np.zeros((grow, 2), bool)])
-        self._end_thresh_ms = np.concatenate([self._end_thresh_ms, np.zeros(grow)])
-        self._lookback = np.concatenate([self._lookback, np.zeros(grow, np.int64)])
+        for name in SLOT_STATE:
+            array = getattr(self, name)
+            more = np.zeros((grow, *array.shape[1:]), dtype=array.dtype)
+            setattr(self, name, np.concatenate([array, more]))
         self._capacity = capacity
 
     def compact(self, slots: np.ndarray, capacity: int) -> None:
         """Keep only ``slots``' state, moved to slots ``0..len(slots)-1`` in that
         order, in arrays of ``capacity`` rows."""
-        n = slots.size
-
-        def kept(array: np.ndarray) -> np.ndarray:
-            out = np.zeros((capacity, *array.shape[1:]), dtype=array.dtype)
-            out[:n] = array[slots]
-            return out
-
-        self._win = kept(self._win)
-        self._ints = kept(self._ints)
-        self._bools = kept(self._bools)
-        self._end_thresh_ms = kept(self._end_thresh_ms)
-        self._lookback = kept(self._lookback)
+        for name in SLOT_STATE:
+            array = getattr(self, name)
+            kept = np.zeros((capacity, *array.shape[1:]), dtype=array.dtype)
+            kept[: slots.size] = array[slots]
+            setattr(self, name, kept)
         self._capacity = capacity
 
     def reset(self, slot: int, silence_ms: int) -> None:
@@ -121,7 +116,8 @@ class EndpointDetector:
 
     def move(self, source: int, target: int) -> None:
         """Slot ``target`` takes ``source``'s state."""
-        for array in (self._win, self._ints, self._bools, self._end_thresh_ms, self._lookback):
+        for name in SLOT_STATE:
+            array = getattr(self, name)
             array[target] = array[source]
 
     def in_segment(self, slot: int) -> bool:
