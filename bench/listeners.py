@@ -17,6 +17,12 @@ and one idle timer per connection. Before those, at 300 devices, ``current``
 measured 1.31 ms per device-second of gateway CPU and ``baseline`` 1.83; to
 compare with an older receive path, run this from a checkout of it.
 
+Next to each step, in the same minute, it measures the two floors (see
+``bench.yardstick``): libopus alone on the devices' packets, and the VAD
+engine in process on as many streams. The machine's speed drifts by a
+fifth from one minute to the next; the live figures over their floors do
+not drift with it.
+
 For each it prints CPU milliseconds per device-second of the gateway and
 per stream-second of the VAD (process CPU time over the audio sent, and for
 the VAD over the audio it stepped), resident memory per listening session
@@ -48,6 +54,7 @@ import numpy as np
 from bench.load_bench import cpu_seconds
 from bench.overload_bench import rss_mb
 from bench.session_memory import raise_fd_limit
+from bench.yardstick import engine_ms_per_stream_s, libopus_ms_per_device_s
 from services.cluster import ClusterPorts, LocalCluster
 from services.simulator.device import DeviceConfig, SimulatedDevice
 
@@ -88,6 +95,10 @@ class Step:
     vad_mb_before: float
     vad_mb_after_leave: float
     vad_writes_per_s: float
+    # The floors measured in the same minute (bench.yardstick): libopus alone
+    # on the devices' packets, and the VAD engine in process on as many streams.
+    libopus_ms_per_device_s: float
+    engine_ms_per_stream_s: float
     pace: float
     # Audio the VAD stepped over audio sent: below KEPT_UP the cluster fell
     # behind (the machine's cores are shared), and its CPU figures mean little.
@@ -188,6 +199,9 @@ async def measure(cluster: LocalCluster, path: str, run: int, n: int, seconds: f
         await asyncio.gather(*(d.close() for d in devices))
     await asyncio.sleep(5.0)  # sessions gone, VAD streams closed, heaps trimmed
     after = rss_mb(vad)
+    # The floors, in the same minute: the machine's speed drifts (see bench.yardstick).
+    libopus_floor = libopus_ms_per_device_s(packets[warmup : warmup + int(seconds / FRAME_S)])
+    engine_floor = engine_ms_per_stream_s(n, quiet_noise(3), PATHS[path]["SF_VAD_PRECISION"])
     return Step(
         path=path,
         run=run,
@@ -206,6 +220,8 @@ async def measure(cluster: LocalCluster, path: str, run: int, n: int, seconds: f
         vad_mb_before=round(before["vad"], 1),
         vad_mb_after_leave=round(after, 1),
         vad_writes_per_s=round(writes / wall, 1),
+        libopus_ms_per_device_s=round(libopus_floor, 3),
+        engine_ms_per_stream_s=round(engine_floor, 3),
         # Audio sent over wall time per device: 1.0 when the load kept real time.
         pace=round(audio_s / n / wall, 3),
         vad_processed=round(stepped / audio_s, 3),
@@ -288,6 +304,12 @@ def print_table(summary: dict[str, dict[str, object]]) -> None:
                 f"{s['gateway_kb_per_session']:>11} {s['vad_kb_per_session']:>12} "
                 f"{s['vad_mb_before']:>9}/{s['vad_mb_after_leave']:<10} "
                 f"{s['vad_writes_per_s']:>9} {s['pace']:>5} {s['vad_processed']:>7}"
+            )
+            print(
+                f"{'':>15} floors this minute: libopus {s['libopus_ms_per_device_s']} ms/dev-s "
+                f"(gateway x{s['gateway_ms_per_device_s'] / s['libopus_ms_per_device_s']:.2f}), "
+                f"VAD engine in process {s['engine_ms_per_stream_s']} ms/str-s "
+                f"(live x{s['vad_ms_per_stream_s'] / s['engine_ms_per_stream_s']:.2f})"
             )
         ratio = row.get("ratio_current_to_baseline")
         if isinstance(ratio, dict):
