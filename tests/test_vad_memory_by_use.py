@@ -12,6 +12,7 @@ import torch
 from support.recordings import mandarin
 
 from services.common.inference import InferenceThread
+from services.common.memory import HeapTrimmer
 from services.protos import vad_pb2
 from services.vad import fsmn_encoder, streams
 from services.vad.fsmn_batched import BatchedFsmnVadEngine
@@ -224,5 +225,42 @@ async def test_the_last_stream_leaving_gives_the_heap_back(
         await table.tick()  # quiet: the heap goes back
         await table.tick()
         assert trims == [1]
+    finally:
+        inference.shutdown()
+
+
+async def test_a_quiet_tick_gives_back_what_busy_ticks_freed_without_waiting_their_interval(
+    engine: BatchedFsmnVadEngine,
+) -> None:
+    now = [100.0]
+    trims: list[float] = []
+
+    def trim() -> bool:
+        trims.append(now[0])
+        return True
+
+    trimmer = HeapTrimmer(
+        min_interval_s=10.0, min_released_bytes=1, clock=lambda: now[0], trim=trim
+    )
+    inference = InferenceThread("vad-quiet-trim-test")
+    try:
+        table = StreamTable(
+            engine,
+            inference,
+            default_silence_ms=500,
+            tick_ms=60,
+            max_streams=8,
+            max_backlog_s=10.0,
+            trimmer=trimmer,
+        )
+        outbox: Outbox = asyncio.Queue()
+        table.open(1, outbox, vad_pb2.StreamOpen(stream_id="a"))
+        for seq in (1, 2):
+            table.feed(1, outbox, vad_pb2.AudioFrame(stream_id="a", seq=seq, pcm=b"\0\0" * 960))
+            await table.tick()
+            now[0] += streams.QUIET_TRIM_INTERVAL_S
+        assert trims == [100.0], "a busy tick trims at most every min_interval_s"
+        await table.tick()  # no audio, the stream still open: the replica is quiet
+        assert trims == [100.0, 100.0 + 2 * streams.QUIET_TRIM_INTERVAL_S]
     finally:
         inference.shutdown()

@@ -107,15 +107,15 @@ class HeapTrimmer:
         # A lost update under a race only delays a trim; no lock on this path.
         self._released += max(0, nbytes)
 
-    def due(self) -> bool:
-        return (
-            self._released >= self.min_released_bytes
-            and self._clock() - self._last >= self.min_interval_s
-        )
+    def due(self, min_interval_s: float | None = None) -> bool:
+        """Enough was freed, and the last trim is ``min_interval_s`` ago (by
+        default the trimmer's own interval)."""
+        interval = self.min_interval_s if min_interval_s is None else min_interval_s
+        return self._released >= self.min_released_bytes and self._clock() - self._last >= interval
 
-    def maybe_trim(self) -> bool:
+    def maybe_trim(self, min_interval_s: float | None = None) -> bool:
         """Trim now if enough was freed and the last trim is long enough ago."""
-        if not self.due():
+        if not self.due(min_interval_s):
             return False
         with self._lock:
             self._released = 0

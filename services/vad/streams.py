@@ -85,6 +85,10 @@ class _Stream:
 
 _NO_SAMPLES = np.zeros(0, dtype="<i2")
 
+# A tick with no audio trims what the busy ticks freed once this long has
+# passed since the last trim: nobody faults those pages back in meanwhile.
+QUIET_TRIM_INTERVAL_S = 1.0
+
 # Streams whose owner was told they are not open, remembered at most (then
 # forgotten wholesale: the worst case is one more error event).
 _MAX_TOLD = 10_000
@@ -112,10 +116,11 @@ class StreamTable:
         self._max_backlog = int(max_backlog_s * SAMPLE_RATE)
         self._max_step = int(max_step_s * SAMPLE_RATE)
         self._chunk = max(1, int(chunk_audio_s * SAMPLE_RATE))
-        # Gives back the heap ticks used, every ten seconds at most. Under
-        # steady load the next ticks fault those pages straight back in: at 300
-        # streams a trim every 2 s cost ~3 % of the replica's CPU (1.5-4.5 %
-        # in four paired runs); when the last stream leaves, the trim is at once.
+        # Gives back the heap ticks used: every ten seconds at most while
+        # streams are stepped, since the next ticks fault those pages straight
+        # back in (at 300 streams a trim every 2 s cost ~3 % of the replica's
+        # CPU, 1.5-4.5 % in four paired runs); sooner once a tick finds no
+        # audio (QUIET_TRIM_INTERVAL_S), and at once when the last stream leaves.
         self._trimmer = trimmer or HeapTrimmer(min_interval_s=10.0, min_released_bytes=32 << 20)
         self._streams: dict[tuple[int, str], _Stream] = {}
         # Opens and closes not yet applied to the engine, in request order.
@@ -311,10 +316,12 @@ class StreamTable:
                 # under load and may be short of its threshold here).
                 self._emptied = False
                 await self._inference.run(0.0, malloc_trim)
-            elif self._trimmer.due():
+            elif self._trimmer.due(QUIET_TRIM_INTERVAL_S):
                 # Quiet now: give back what the last ticks freed, on the
                 # thread whose arena holds it.
-                await self._inference.run(0.0, self._trimmer.maybe_trim)
+                await self._inference.run(
+                    0.0, lambda: self._trimmer.maybe_trim(QUIET_TRIM_INTERVAL_S)
+                )
             return behind
         started = time.monotonic()
         audio_s = sum(w.samples for w in work) / SAMPLE_RATE
