@@ -32,7 +32,7 @@ current/baseline at each N. The load generator shares the machine's cores,
 so the ratios are the figures to trust; each path runs ``--repeat`` times
 and the lower CPU of the runs that kept up counts.
 
-    .venv/bin/python -m bench.listeners [--devices 100,200,300] [--seconds 15] [--repeat 2]
+    .venv/bin/python -m bench.listeners [--devices 100,300,650] [--seconds 15] [--repeat 2]
 
 Results: bench-results/listeners.json.
 """
@@ -351,7 +351,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--devices", default="100,200,300", help="comma-separated sweep of N")
+    parser.add_argument("--devices", default="100,300,650", help="comma-separated sweep of N")
     parser.add_argument("--seconds", type=float, default=15.0, help="measured audio per step")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each path")
     parser.add_argument("--paths", default="baseline,current")
