@@ -21,6 +21,7 @@ from typing import Any, cast
 
 import numpy as np
 import pytest
+from support.trimming import RecordedTrims
 
 from services.common.audio import SAMPLE_RATE, float_to_pcm16
 from services.common.inference import InferenceThread
@@ -323,29 +324,21 @@ def test_the_fsmn_engine_shrinks_when_streams_close_and_the_rest_keep_their_stat
 
 
 async def test_the_heap_trimmer_trims_only_after_enough_was_freed_and_not_too_often() -> None:
-    now = [100.0]
-    trims: list[float] = []
-
-    def trim() -> bool:
-        trims.append(now[0])
-        return True
-
-    trimmer = HeapTrimmer(
-        min_interval_s=10.0, min_released_bytes=1000, clock=lambda: now[0], trim=trim
-    )
+    trims = RecordedTrims(min_interval_s=10.0, min_released_bytes=1000)
+    trimmer = trims.trimmer
     trimmer.released(999)
     assert not trimmer.maybe_trim()
     trimmer.released(1)
     assert trimmer.maybe_trim()
     trimmer.released(5000)
-    now[0] += 5
+    trims.now += 5
     assert not trimmer.maybe_trim(), "too soon after the last"
-    now[0] += 5
+    trims.now += 5
     assert trimmer.maybe_trim()
-    assert trims == [100.0, 110.0]
+    assert trims.at == [100.0, 110.0]
 
     # Scheduled on the loop: a burst of frees leads to one trim, soon after.
-    later = HeapTrimmer(min_interval_s=0.0, min_released_bytes=10, delay_s=0.01, trim=trim)
+    later = HeapTrimmer(min_interval_s=0.0, min_released_bytes=10, delay_s=0.01, trim=lambda: True)
     for _ in range(100):
         later.released(1)
         later.trim_soon()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from support.recordings import mandarin
+from support.trimming import RecordedTrims
 
 from services.common.inference import InferenceThread
 from services.common.memory import HeapTrimmer
@@ -191,6 +192,20 @@ def test_the_products_see_a_few_row_counts_not_one_per_batch_size(
     assert rows <= {16, 32, 64, 128, 256, 512}, sorted(rows)
 
 
+def _table(
+    engine: BatchedFsmnVadEngine, inference: InferenceThread, trimmer: HeapTrimmer | None = None
+) -> StreamTable:
+    return StreamTable(
+        engine,
+        inference,
+        default_silence_ms=500,
+        tick_ms=60,
+        max_streams=8,
+        max_backlog_s=10.0,
+        trimmer=trimmer,
+    )
+
+
 async def test_the_last_stream_leaving_gives_the_heap_back(
     engine: BatchedFsmnVadEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -203,14 +218,7 @@ async def test_the_last_stream_leaving_gives_the_heap_back(
     monkeypatch.setattr(streams, "malloc_trim", trim)
     inference = InferenceThread("vad-memory-test")
     try:
-        table = StreamTable(
-            engine,
-            inference,
-            default_silence_ms=500,
-            tick_ms=60,
-            max_streams=8,
-            max_backlog_s=10.0,
-        )
+        table = _table(engine, inference)
         outbox: Outbox = asyncio.Queue()
         for name in ("a", "b"):
             table.open(1, outbox, vad_pb2.StreamOpen(stream_id=name))
@@ -232,35 +240,18 @@ async def test_the_last_stream_leaving_gives_the_heap_back(
 async def test_a_quiet_tick_gives_back_what_busy_ticks_freed_without_waiting_their_interval(
     engine: BatchedFsmnVadEngine,
 ) -> None:
-    now = [100.0]
-    trims: list[float] = []
-
-    def trim() -> bool:
-        trims.append(now[0])
-        return True
-
-    trimmer = HeapTrimmer(
-        min_interval_s=10.0, min_released_bytes=1, clock=lambda: now[0], trim=trim
-    )
+    trims = RecordedTrims(min_interval_s=10.0, min_released_bytes=1)
     inference = InferenceThread("vad-quiet-trim-test")
     try:
-        table = StreamTable(
-            engine,
-            inference,
-            default_silence_ms=500,
-            tick_ms=60,
-            max_streams=8,
-            max_backlog_s=10.0,
-            trimmer=trimmer,
-        )
+        table = _table(engine, inference, trims.trimmer)
         outbox: Outbox = asyncio.Queue()
         table.open(1, outbox, vad_pb2.StreamOpen(stream_id="a"))
         for seq in (1, 2):
             table.feed(1, outbox, vad_pb2.AudioFrame(stream_id="a", seq=seq, pcm=b"\0\0" * 960))
             await table.tick()
-            now[0] += streams.QUIET_TRIM_INTERVAL_S
-        assert trims == [100.0], "a busy tick trims at most every min_interval_s"
+            trims.now += streams.QUIET_TRIM_INTERVAL_S
+        assert trims.at == [100.0], "a busy tick trims at most every min_interval_s"
         await table.tick()  # no audio, the stream still open: the replica is quiet
-        assert trims == [100.0, 100.0 + 2 * streams.QUIET_TRIM_INTERVAL_S]
+        assert trims.at == [100.0, 100.0 + 2 * streams.QUIET_TRIM_INTERVAL_S]
     finally:
         inference.shutdown()
