@@ -119,7 +119,7 @@ class StreamTable:
         # Gives back the heap ticks used: every ten seconds at most while
         # streams are stepped, since the next ticks fault those pages straight
         # back in (at 300 streams a trim every 2 s cost ~3 % of the replica's
-        # CPU, 1.5-4.5 % in four paired runs); sooner once a tick finds no
+        # CPU, 1.6-4.4 % in four paired runs); sooner once a tick finds no
         # audio (QUIET_TRIM_INTERVAL_S), and at once when the last stream leaves.
         self._trimmer = trimmer or HeapTrimmer(min_interval_s=10.0, min_released_bytes=32 << 20)
         self._streams: dict[tuple[int, str], _Stream] = {}
