@@ -20,8 +20,8 @@ compare with an older receive path, run this from a checkout of it.
 Next to each step, in the same minute, it measures the two floors (see
 ``bench.yardstick``): libopus alone on the devices' packets, and the VAD
 engine in process on as many streams. The machine's speed drifts by a
-fifth from one minute to the next; the live figures over their floors do
-not drift with it.
+fifth from one minute to the next; the live figures over their floors
+drift much less.
 
 For each it prints CPU milliseconds per device-second of the gateway and
 per stream-second of the VAD (process CPU time over the audio sent, and for

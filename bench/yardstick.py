@@ -14,7 +14,7 @@ with two fixed in-process workloads measured in the same minute:
   gRPC, no event loop and no other process sharing the core.
 
 The live figures over these say how much each service adds to its floor,
-whatever the machine's speed at that moment.
+mostly apart from the machine's speed at that moment.
 """
 
 from __future__ import annotations

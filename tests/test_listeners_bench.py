@@ -45,6 +45,8 @@ def _step(
         vad_mb_before=250.0,
         vad_mb_after_leave=252.0,
         vad_writes_per_s=100.0 if path == "current" else 400.0,
+        libopus_ms_per_device_s=0.5,
+        engine_ms_per_stream_s=1.2,
         pace=1.0,
         vad_processed=1.0 if kept_up else 0.5,
         kept_up=kept_up,
@@ -105,5 +107,8 @@ async def test_both_paths_run_against_the_cluster_and_report_figures(
         # bench's grace period depends on what else the machine runs: reported, not asserted).
         assert run["vad_processed"] > 0.5, run
         assert run["gateway_ms_per_device_s"] > 0 and run["vad_ms_per_stream_s"] > 0
+        # The floors: the gateway decodes every packet with libopus and then some.
+        assert 0 < run["libopus_ms_per_device_s"] < run["gateway_ms_per_device_s"], run
+        assert run["engine_ms_per_stream_s"] > 0, run
     summary = report["summary"]
     assert isinstance(summary, dict) and "ratio_current_to_baseline" in summary["4"]
