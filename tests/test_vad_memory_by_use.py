@@ -69,9 +69,9 @@ def test_streams_coming_and_going_at_the_shrink_point_copy_nothing_wholesale(
     compactions: list[int] = []
     compact = engine._encoder.compact
 
-    def counting(slots: np.ndarray, capacity: int) -> None:
+    def counting(live: int, capacity: int) -> None:
         compactions.append(capacity)
-        compact(slots, capacity)
+        compact(live, capacity)
 
     monkeypatch.setattr(engine._encoder, "compact", counting)
     for i in range(17):

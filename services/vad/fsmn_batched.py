@@ -141,9 +141,8 @@ class BatchedFsmnVadEngine:
             self._encoder.ensure_capacity(capacity)
             self._detector.ensure_capacity(capacity)
         else:
-            live = np.arange(len(self._slots), dtype=np.int64)
-            self._encoder.compact(live, capacity)
-            self._detector.compact(live, capacity)
+            self._encoder.compact(len(self._slots), capacity)
+            self._detector.compact(len(self._slots), capacity)
         self._capacity = capacity
 
     def step(self, chunks: Mapping[str, np.ndarray], final: Collection[str]) -> list[VadEvent]:

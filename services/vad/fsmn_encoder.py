@@ -172,12 +172,11 @@ class BatchedFsmnEncoder:
         if capacity > self.capacity:
             self._cache = torch.cat([self._cache, self._zeros(capacity - self.capacity)], dim=1)
 
-    def compact(self, slots: np.ndarray, capacity: int) -> None:
-        """Keep only ``slots``' memories, moved to slots ``0..len(slots)-1`` in that
-        order, in storage for ``capacity`` slots (the rest zero)."""
+    def compact(self, live: int, capacity: int) -> None:
+        """Keep the memories of the first ``live`` slots, in storage for
+        ``capacity`` slots (the rest zero)."""
         kept = self._zeros(capacity)
-        if slots.size:
-            kept[:, : slots.size] = self._cache[:, torch.from_numpy(slots).to(self._device)]
+        kept[:, :live] = self._cache[:, :live]
         self._cache = kept
 
     def _zeros(self, slots: int) -> torch.Tensor:

@@ -95,13 +95,13 @@ class EndpointDetector:
             setattr(self, name, np.concatenate([array, more]))
         self._capacity = capacity
 
-    def compact(self, slots: np.ndarray, capacity: int) -> None:
-        """Keep only ``slots``' state, moved to slots ``0..len(slots)-1`` in that
-        order, in arrays of ``capacity`` rows."""
+    def compact(self, live: int, capacity: int) -> None:
+        """Keep the state of the first ``live`` slots, in arrays of ``capacity``
+        rows (the rest zero)."""
         for name in SLOT_STATE:
             array = getattr(self, name)
             kept = np.zeros((capacity, *array.shape[1:]), dtype=array.dtype)
-            kept[: slots.size] = array[slots]
+            kept[:live] = array[:live]
             setattr(self, name, kept)
         self._capacity = capacity
 
